@@ -1,0 +1,175 @@
+"""Planner protocol, the name -> constructor table, and the one-call ``plan()`` entry point."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+import numpy as np
+import torch
+
+from ..gop import GOP, Schedule
+from ..plan import Grid, Plan
+
+
+@attrs.frozen
+class MotionField:
+    """Codec motion per pixel frame, pooled to a block grid (see :mod:`lipcodec.video`).
+
+    ``vectors[k, y, x] = (dy, dx)`` in source pixels: the content of block (y, x) in pixel
+    frame k came from ``(y*block + dy, x*block + dx)`` in pixel frame k-1. ``picture_types``
+    holds the codec's letters per pixel frame (``I``, ``P``, ``B``).
+    """
+
+    vectors: np.ndarray  # (T, Hb, Wb, 2) float32
+    block: int
+    frame_size: tuple[int, int]  # (height, width) in pixels of the decoded frames
+    picture_types: str = ""
+
+
+@attrs.frozen
+class PlanContext:
+    """Everything a planner may look at. Planners must not modify it.
+
+    Attributes:
+        latents: clean source latents of one video, (C, F, H, W), on CPU or GPU.
+        patch_size: the DiT's (t, h, w) patch; one token = one patch of latents.
+        gop: the GOP the user asked for.
+        frames: decoded source pixels (T, H, W, 3) uint8, if the caller has them.
+        motion: codec motion vectors of the source video, if decoded with side data.
+        temporal_factor: pixel frames per latent frame after the first (4 for Wan).
+        seed: planners that draw random numbers fork a private generator from this.
+    """
+
+    latents: torch.Tensor
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    gop: GOP = attrs.field(factory=GOP)
+    frames: np.ndarray | None = None
+    motion: MotionField | None = None
+    temporal_factor: int = 4
+    seed: int = 0
+
+    def __attrs_post_init__(self):
+        if self.latents.ndim != 4:
+            raise ValueError(
+                f"PlanContext.latents must be (C, F, H, W), got shape {tuple(self.latents.shape)}; "
+                "use lipcodec.plan() for (B, C, F, H, W) batches"
+            )
+        Grid.from_latents(self.latents.shape, self.patch_size)  # validates divisibility
+
+    @property
+    def grid(self) -> Grid:
+        return Grid.from_latents(self.latents.shape, self.patch_size)
+
+    @property
+    def schedule(self) -> Schedule:
+        """The GOP laid out on this video without scene cuts (planners add cuts themselves)."""
+        return Schedule.from_gop(self.gop, self.grid.frames)
+
+    def tokens(self) -> torch.Tensor:
+        """Latents cut into tokens: (F', H', W', C*pt*ph*pw) float32, one vector per token."""
+        c, f, h, w = self.latents.shape
+        pt, ph, pw = self.patch_size
+        x = self.latents.float().reshape(c, f // pt, pt, h // ph, ph, w // pw, pw)
+        return x.permute(1, 3, 5, 0, 2, 4, 6).reshape(f // pt, h // ph, w // pw, c * pt * ph * pw)
+
+
+@runtime_checkable
+class Planner(Protocol):
+    """A pure function of a :class:`PlanContext`: no model access, no global state."""
+
+    name: str
+
+    def __call__(self, ctx: PlanContext) -> Plan: ...
+
+
+_REGISTRY: dict[str, Callable[..., Planner]] = {}
+
+
+def register_planner(name: str, *, replace: bool = False):
+    """Class or factory decorator: ``lipcodec.planners.get(name, **params)`` builds it.
+
+    >>> @register_planner("every-other", replace=True)
+    ... def every_other(**params): ...
+    """
+
+    def decorate(factory):
+        if not replace and name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"a planner named {name!r} is already registered; pass replace=True to override it")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def available() -> list[str]:
+    """Names of every registered planner, built-in and custom."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str | Planner, **params: Any) -> Planner:
+    """Build the planner registered as ``name`` with ``params`` (a planner object passes through)."""
+    if not isinstance(name, str):
+        if params:
+            raise TypeError("parameters go to the planner's constructor; pass a name, not an instance, with them")
+        return name
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown planner {name!r}; available: {', '.join(available())}") from None
+    try:
+        planner = factory(**params)
+    except TypeError as error:
+        raise TypeError(f"planner {name!r}: {error}") from None
+    if getattr(planner, "name", None) is None:
+        try:
+            planner.name = name
+        except AttributeError:
+            pass
+    return planner
+
+
+def plan(
+    latents: torch.Tensor,
+    planner: str | Planner = "lipar",
+    *,
+    gop: GOP | str | None = None,
+    patch_size: tuple[int, int, int] = (1, 2, 2),
+    frames: np.ndarray | None = None,
+    motion: MotionField | None = None,
+    temporal_factor: int = 4,
+    seed: int = 0,
+    **params: Any,
+) -> Plan:
+    """Plan one video from its clean latents, shaped (B, C, F, H, W) as diffusers' Wan takes them.
+
+    ``gop`` is a :class:`GOP` or an x264 params string (``"keyint=8:bframes=2"``);
+    ``params`` go to the planner (e.g. ``tau1=0.1`` or ``target_kept=0.68``). All videos of
+    the batch must be the same (CFG or several samples of one source): a plan is per video.
+    """
+    latents = torch.as_tensor(latents)
+    if latents.ndim == 5:
+        if latents.shape[0] > 1 and not all(torch.equal(latents[0], x) for x in latents[1:]):
+            raise ValueError(
+                f"latents hold {latents.shape[0]} different videos; a plan is per video: "
+                "call lipcodec.plan(latents[i:i+1]) for each"
+            )
+        latents = latents[0]
+    elif latents.ndim != 4:
+        raise ValueError(f"latents must be (B, C, F, H, W) or (C, F, H, W), got shape {tuple(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        bad = (~torch.isfinite(latents)).nonzero()[0].tolist()
+        raise ValueError(f"latents contain NaN or Inf (first at index (C, F, H, W) = {tuple(bad)}); check the encoder")
+    if isinstance(gop, str):
+        gop = GOP.from_x264_params(gop)
+    ctx = PlanContext(
+        latents,
+        tuple(patch_size),
+        gop or GOP(),
+        frames=frames,
+        motion=motion,
+        temporal_factor=temporal_factor,
+        seed=seed,
+    )
+    return get(planner, **params)(ctx)
