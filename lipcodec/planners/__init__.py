@@ -4,6 +4,6 @@ Built-ins register themselves on import; ``available()`` lists every registered 
 """
 
 from .registry import MotionField, PlanContext, Planner, available, get, plan, register_planner
-from . import intra  # noqa: F401  (registers "intra")
+from . import bitstream, intra, lipar, motion  # noqa: F401  (built-ins register themselves)
 
 __all__ = ["MotionField", "PlanContext", "Planner", "available", "get", "plan", "register_planner"]

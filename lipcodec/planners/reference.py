@@ -1,0 +1,186 @@
+"""The engine behind every threshold planner: search references, decide, resolve chains.
+
+A reference planner only says, for a frame t and a candidate reference frame r, which
+token of r best predicts each token of t and how far apart they are (:meth:`match`).
+The engine does the rest, the same way for every planner:
+
+1. scene cuts: a frame where more than ``100 - scenecut`` percent of tokens changed
+   against the previous frame becomes a keyframe (``GOP.scenecut``, ``min_keyint``);
+2. the schedule: frame types and references from the GOP (B-frames, pyramid, ref);
+3. per token, the best match over the frame's allowed references (a B-frame token takes
+   its past or its future anchor, whichever matches better);
+4. the decision: reuse when the distance is at most ``tau1`` (planners may refine it);
+5. chains resolved in coding order, with the long-term guard: a token is only reused if
+   it is within ``tau2`` of the computed token it finally copies;
+6. ``target_kept``: the thresholds scaled together until the kept ratio meets a budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+
+from ..gop import Schedule
+from ..plan import Plan
+from .ops import trimmed_l1
+from .registry import PlanContext
+
+
+def _unit_interval_or_none(instance, attribute, value):
+    if value is not None and not (0.0 < value <= 1.0):
+        raise ValueError(f"{attribute.name}={value} is out of range: use a kept ratio in (0, 1], or None")
+
+
+def _non_negative_or_none(instance, attribute, value):
+    if value is not None and not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{attribute.name}={value} is out of range: use a finite threshold >= 0, or None to disable")
+
+
+def _float_or_none(value):
+    return None if value is None or value == "none" else float(value)
+
+
+@attrs.frozen
+class Match:
+    """Best candidate in one reference frame for every token of one frame."""
+
+    distance: torch.Tensor  # (H*W,) trimmed L1 to the candidate; inf where there is none
+    source: torch.Tensor  # (H*W,) flat token id of the candidate in the reference frame
+
+
+@attrs.frozen(kw_only=True)
+class ReferencePlanner:
+    """Base for threshold planners. Subclasses implement :meth:`match_pairs`.
+
+    Args:
+        tau1: reuse a token when its best reference is at most this far (trimmed L1).
+        tau2: long-term guard: never reuse a token farther than this from the computed
+            token it finally copies (stops slow drift through chains); None disables.
+        target_kept: instead of ``tau1``/``tau2`` as given, scale both until this share
+            of tokens is kept (compare planners at equal budget); None = thresholds as given.
+        reverify: after :meth:`postprocess`, check the guard again on the final sources, so
+            that no reused token is farther than ``tau2`` from what it copies.
+    """
+
+    tau1: float = attrs.field(default=0.15, converter=float, validator=_non_negative_or_none)
+    tau2: float | None = attrs.field(default=0.3, converter=_float_or_none, validator=_non_negative_or_none)
+    target_kept: float | None = attrs.field(default=None, converter=_float_or_none, validator=_unit_interval_or_none)
+    reverify: bool = True
+    trim: tuple[float, float] = attrs.field(default=(0.2, 0.8), converter=lambda v: tuple(float(x) for x in v))
+    name: str = "reference"
+
+    # -- what a planner provides -------------------------------------------------------------
+    def match_pairs(self, ctx: PlanContext, tokens: torch.Tensor, pairs: list[tuple[int, int]]) -> list[Match]:
+        """For each (t, r): the best token of frame r for every token of frame t."""
+        raise NotImplementedError
+
+    def refine(self, ctx: PlanContext, short_term: torch.Tensor, tau: float) -> torch.Tensor:
+        """Reuse decision from the best-match distance volume (F, H, W); default: ``d <= tau``."""
+        return short_term <= tau
+
+    def postprocess(self, reuse: torch.Tensor) -> torch.Tensor:
+        """Final clean-up of the reuse mask (F, H, W) after the guard; default: none."""
+        return reuse
+
+    # -- the engine --------------------------------------------------------------------------
+    def __call__(self, ctx: PlanContext) -> Plan:
+        tokens = ctx.tokens()  # (F, H, W, D)
+        cache: dict[tuple[int, int], Match] = {}
+
+        def matches(pairs):
+            todo = [p for p in dict.fromkeys(pairs) if p not in cache]
+            if todo:
+                cache.update(zip(todo, self.match_pairs(ctx, tokens, todo)))
+            return [cache[p] for p in pairs]
+
+        if self.target_kept is None:
+            return self._decide(ctx, tokens, matches, 1.0)
+        return self._search_budget(ctx, tokens, matches)
+
+    def _decide(self, ctx, tokens, matches, scale: float) -> Plan:
+        grid, gop = ctx.grid, ctx.gop
+        f, hw = grid.frames, grid.tokens_per_frame
+        tau = self.tau1 * scale
+        tau2 = None if self.tau2 is None else self.tau2 * scale
+        device = tokens.device
+
+        # 1. scene cuts and B-frame adaptation look at frame-to-frame change
+        change = None
+        if f > 1 and (gop.scenecut or gop.b_adapt):
+            previous = matches([(t, t - 1) for t in range(1, f)])
+            change = [0.0] + [float((m.distance > tau).float().mean()) for m in previous]
+        cuts = [t for t in range(1, f) if gop.scenecut and change[t] * 100 > 100 - gop.scenecut]
+        schedule = Schedule.from_gop(gop, f, cuts=cuts, change=change)
+
+        # 2. best reference per token over the allowed references
+        best_distance = torch.full((f, hw), math.inf, device=device)
+        best_source = torch.arange(f * hw, device=device).reshape(f, hw)
+        pairs = [(t, r) for t in range(f) for r in schedule.refs[t]]
+        for (t, _), m in zip(pairs, matches(pairs)):
+            better = m.distance < best_distance[t]
+            best_distance[t] = torch.where(better, m.distance, best_distance[t])
+            best_source[t] = torch.where(better, m.source, best_source[t])
+        # keyframes have no reference; for filters that look back, use the change to t-1
+        short_term = best_distance.clone()
+        for t in range(f):
+            if not schedule.refs[t]:
+                short_term[t] = matches([(t, t - 1)])[0].distance if t > 0 else 0.0
+        short_term = short_term.nan_to_num(posinf=1e6).reshape(grid.frames, grid.height, grid.width)
+
+        # 3. decide, guard, clean up, resolve
+        keyframe = torch.tensor([not refs for refs in schedule.refs], device=device)
+        short_reuse = self.refine(ctx, short_term, tau).reshape(f, hw)
+        reuse = short_reuse & torch.isfinite(best_distance) & ~keyframe[:, None]
+        flat = tokens.reshape(f * hw, -1)
+        source = _resolve(schedule, flat, best_source, reuse, tau2, self.trim)
+        # keyframes are computed by type, not by change: in the clean-up they vote with their
+        # own change against the previous frame; they are forced back to computed below
+        reused = (source != torch.arange(f * hw, device=device)).reshape(f, hw)
+        reused = torch.where(keyframe[:, None], short_reuse, reused)
+        final = self.postprocess(reused.reshape(f, grid.height, grid.width))
+        final = final.reshape(f, hw) & torch.isfinite(best_distance) & ~keyframe[:, None]
+        if not torch.equal(final.flatten(), source != torch.arange(f * hw, device=device)):  # clean-up changed it
+            source = _resolve(schedule, flat, best_source, final, tau2 if self.reverify else None, self.trim)
+        meta = {"planner": self.name, "params": _params(self), "gop": str(gop), "threshold_scale": scale}
+        return Plan(grid, source, schedule, meta=meta)
+
+    def _search_budget(self, ctx, tokens, matches) -> Plan:
+        """Bisect a common scale of the thresholds (log-space) for ``target_kept``."""
+        lo, hi = -12.0, 12.0  # log2 scale: kept ratio falls as the scale grows
+        best = None
+        for _ in range(24):
+            mid = (lo + hi) / 2
+            candidate = self._decide(ctx, tokens, matches, 2.0**mid)
+            if best is None or abs(candidate.kept_ratio - self.target_kept) < abs(best.kept_ratio - self.target_kept):
+                best = candidate
+            if candidate.kept_ratio > self.target_kept:
+                lo = mid
+            else:
+                hi = mid
+        best.meta["target_kept"] = self.target_kept
+        return best
+
+
+def _resolve(schedule, flat, best_source, reuse, tau2, trim) -> torch.Tensor:
+    """Point reused tokens at the computed token their reference finally copies (coding order).
+
+    With ``tau2``, a token whose final source is farther than ``tau2`` is computed instead.
+    """
+    f, hw = best_source.shape
+    source = torch.arange(f * hw, device=flat.device)
+    for t in schedule.coding_order:
+        if not schedule.refs[t]:
+            continue
+        ids = torch.arange(t * hw, (t + 1) * hw, device=flat.device)
+        final = source[best_source[t]]  # references are coded earlier: already resolved
+        use = reuse[t].nonzero().flatten()  # guard only the candidates
+        if tau2 is not None:
+            use = use[trimmed_l1(flat[ids[use]], flat[final[use]], *trim) <= tau2]
+        source[ids[use]] = final[use]
+    return source
+
+
+def _params(planner) -> dict:
+    return {a.name: getattr(planner, a.name) for a in attrs.fields(type(planner)) if a.name != "name"}
