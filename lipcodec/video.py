@@ -20,6 +20,7 @@ Motion vectors (``motion=True``) are pooled per 16x16 block of the *output* fram
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -124,10 +125,13 @@ def read_video(
         container = av.open(str(path))
     except av.error.FFmpegError as error:
         raise VideoError(
-            f"{path} is not a video FFmpeg can read ({error.strerror if hasattr(error, 'strerror') else error}); "
-            "check the file, or convert it with `ffmpeg -i IN -c:v libx264 OUT.mp4`"
+            f"{path} is not a video FFmpeg can read ({getattr(error, 'strerror', None) or error}); it may be "
+            "another kind of file, or truncated (an MP4 cut short loses its index): check it, or re-encode "
+            "what plays with `ffmpeg -i IN -c:v libx264 OUT.mp4`"
         ) from None
-    with container:
+    with container, _ffmpeg_log() as log:
+        if container.format.name == "tty":  # FFmpeg plays any text file as ANSI art
+            raise VideoError(f"{path} is a text file, not a video: pass a video file (mp4, mkv, mov, ...)")
         if not container.streams.video:
             kinds = ", ".join(sorted({s.type for s in container.streams})) or "none"
             raise VideoError(f"{path} has no video stream (streams: {kinds}); pass a file with video in it")
@@ -142,6 +146,8 @@ def read_video(
         src_h, src_w = stream.codec_context.height, stream.codec_context.width
         decoded = _decode(container, stream, path, fps, max_frames, rate, time_base, size, fit, motion, progress)
     times, frames, letters, vectors, errors, geometry, early = decoded
+    errors += sum(1 for level, _, _ in log if level <= av.logging.ERROR)
+    first_error = next((f"{name}: {text.strip()}" for level, name, text in log if level <= av.logging.ERROR), "")
 
     if not frames:
         why = f" ({errors} packets failed to decode)" if errors else ""
@@ -150,7 +156,7 @@ def read_video(
         warnings.warn(
             f"{path}: decoded {len(frames)} frames"
             + (f" of the {announced} the container announces" if announced else "")
-            + (f", {errors} packets failed to decode" if errors else "")
+            + (f", FFmpeg reported {errors} decode errors (first: {first_error})" if errors else "")
             + "; the file looks truncated or corrupt, keeping the valid frames",
             VideoWarning,
             stacklevel=2,
@@ -195,6 +201,18 @@ def read_video(
         picture_types="".join(letters[i] for i in index),
         path=path,
     )
+
+
+@contextlib.contextmanager
+def _ffmpeg_log():
+    """Collect FFmpeg's error log lines (decoders conceal most corruption and only log it)."""
+    previous = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        with av.logging.Capture(local=False) as log:
+            yield log
+    finally:
+        av.logging.set_level(previous)
 
 
 def _existing_file(path) -> Path:
