@@ -6,8 +6,8 @@ Reading rules (:func:`read_video`), in order; docs/video.md has the long form:
    that fails to decode is skipped; if any were skipped, or fewer frames came out than
    the container announced, a :class:`VideoWarning` says so and the valid frames are kept.
 2. ``fps``: resample by presentation timestamps (so variable frame rate is handled):
-   output frame k shows the source frame whose timestamp is nearest to ``k / fps``
-   (ties go to the earlier frame). Frames are dropped or repeated, never blended.
+   output frame k shows the source frame on screen at ``k / fps`` (the last one whose
+   timestamp is <= k / fps). Frames are dropped or repeated, never blended.
 3. ``size=(H, W)``: scale by the smallest factor that covers H x W (aspect preserved),
    then center-crop. ``fit="wan"`` without ``size`` crops to the largest multiples of 16
    that fit inside the source.
@@ -169,7 +169,7 @@ def read_video(
         index = np.arange(len(frames))
         out_fps = rate
     else:
-        index = resample_indices(times, fps, 1.0 / rate)
+        index = resample_indices(times, fps, 1.0 / rate, tolerance=float(time_base or 0) + 1e-6)
         out_fps = float(fps)
     if max_frames is not None:
         index = index[:max_frames]
@@ -237,7 +237,7 @@ def _decode(container, stream, path, fps, max_frames, rate, time_base, size, fit
     early = False
     stop_after = None  # seconds: past this no later frame can be selected
     if max_frames is not None and fps is not None:
-        stop_after = (max_frames + 1) / fps
+        stop_after = max_frames / fps
     bar = tqdm(total=stream.frames or None, desc=f"decode {path.name}", unit="frame", disable=not progress, leave=False)
 
     def packets():
@@ -283,6 +283,7 @@ def _decode(container, stream, path, fps, max_frames, rate, time_base, size, fit
 
 def _geometry(src_h: int, src_w: int, size, fit, path) -> dict:
     """Resize + crop from the source frame to the output frame, and the matching MV mapping."""
+    size_given = size
     if size is None:
         if fit == "wan":
             size = (src_h // BLOCK * BLOCK, src_w // BLOCK * BLOCK)
@@ -294,8 +295,11 @@ def _geometry(src_h: int, src_w: int, size, fit, path) -> dict:
         else:
             size = (src_h, src_w)
     out_h, out_w = size
-    scale = max(out_h / src_h, out_w / src_w)  # smallest scale that covers the target
-    rh, rw = max(out_h, round(src_h * scale)), max(out_w, round(src_w * scale))
+    if out_h <= src_h and out_w <= src_w and size_given is None:
+        rh, rw = src_h, src_w  # fit="wan" alone only crops
+    else:
+        scale = max(out_h / src_h, out_w / src_w)  # smallest scale that covers the target
+        rh, rw = max(out_h, round(src_h * scale)), max(out_w, round(src_w * scale))
     top, left = (rh - out_h) // 2, (rw - out_w) // 2
     return {
         "source_size": (src_h, src_w),
@@ -316,24 +320,25 @@ def _resize_crop(frame, geometry) -> np.ndarray:
     return np.ascontiguousarray(array[top : top + h, left : left + w])
 
 
-def resample_indices(times: np.ndarray, fps: float, last_duration: float) -> np.ndarray:
-    """Source frame index for each output frame at ``fps``, chosen by nearest timestamp.
+def resample_indices(times: np.ndarray, fps: float, last_duration: float, tolerance: float = 1e-6) -> np.ndarray:
+    """Source frame index for each output frame at ``fps``: the frame on screen at ``k / fps``.
 
-    ``times`` are presentation times in seconds (any order, starting at 0); the clip lasts
-    until the last frame's time plus ``last_duration``. Ties go to the earlier frame.
+    ``times`` are presentation times in seconds (starting at 0); a frame stays on screen
+    until the next one starts (so variable frame rate holds are respected), the last one
+    for ``last_duration``. The output covers the same duration, rounded down. A frame
+    starting up to ``tolerance`` seconds late counts as on time (containers round
+    timestamps to their time base, e.g. 1 ms in Matroska).
 
     >>> resample_indices(np.array([0, .04, .08, .12]), 12.5, .04).tolist()
     [0, 2]
     """
     order = np.argsort(times, kind="stable")
-    sorted_times = np.asarray(times)[order]
+    sorted_times = np.asarray(times, np.float64)[order]
     duration = sorted_times[-1] + last_duration
     count = max(1, int(math.floor(duration * fps + 1e-6)))
     targets = np.arange(count) / fps
-    right = np.clip(np.searchsorted(sorted_times, targets, side="left"), 0, len(order) - 1)
-    left = np.clip(right - 1, 0, len(order) - 1)
-    take_left = np.abs(targets - sorted_times[left]) <= np.abs(sorted_times[right] - targets)
-    return order[np.where(take_left, left, right)]
+    on_screen = np.searchsorted(sorted_times, targets + tolerance, side="right") - 1
+    return order[np.clip(on_screen, 0, len(order) - 1)]
 
 
 def _rate_from_times(times: np.ndarray) -> float:
