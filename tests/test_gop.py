@@ -270,10 +270,14 @@ def test_scene_cuts_become_keyframes_only_past_min_keyint(case):
 
 @settings(max_examples=100, deadline=None)
 @given(gops(max_keyint=12), st.integers(1, 40))
-def test_b_adapt_without_change_data_and_with_calm_change_is_fixed(gop, frames):
+def test_change_only_matters_with_b_adapt(gop, frames):
     fixed = Schedule.from_gop(gop, frames)
-    assert Schedule.from_gop(gop, frames, change=[0.0] * frames) == fixed
-    assert Schedule.from_gop(gop, frames, cuts=[], change=None) == fixed
+    assert Schedule.from_gop(gop, frames, change=[0.0] * frames) == fixed  # calm: nothing to shorten
+    busy = Schedule.from_gop(gop, frames, change=[1.0] * frames)
+    if gop.b_adapt:
+        assert not set(busy.types) & set("Bb")  # every frame changed too much for B prediction
+    else:
+        assert busy == fixed
 
 
 @settings(max_examples=100, deadline=None)
