@@ -34,6 +34,7 @@ def token_motion(motion: MotionField, grid_hw: tuple[int, int], token_px: int) -
     by = np.clip(((np.arange(h) + 0.5) * token_px * sy / motion.block).astype(int), 0, hb - 1)
     bx = np.clip(((np.arange(w) + 0.5) * token_px * sx / motion.block).astype(int), 0, wb - 1)
     field = motion.vectors[:, by][:, :, bx].astype(np.float64)  # (T, H, W, 2) field pixels
+    field = np.nan_to_num(field, nan=0.0)  # no vector (intra block, frame 0): no hint, stay in place
     field[..., 0] /= sy * token_px
     field[..., 1] /= sx * token_px
     return field

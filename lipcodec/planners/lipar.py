@@ -44,8 +44,11 @@ class Lipar(ReferencePlanner):
             (a causal median lags every onset of motion by a frame; off by default).
         morph_size: 2D opening + closing kernel on the keep mask (0 disables).
         dilation: causal 3D dilation of the keep mask (frames, rows, cols).
-        reverify: off by default, as published; on, the guard is checked again after
-            the clean-up so no reused token exceeds ``tau2`` (lipcodec's stricter option).
+        reverify: on by default: the guard is checked again after the clean-up, so no
+            reused token ends farther than ``tau2`` from what it copies. The published code
+            guards only before the clean-up (``reverify=False``), which lets the mask median
+            drop guard-kept tokens - with B-frames on both sides of a changed P-frame it
+            drops the whole anchor.
     """
 
     median_size: tuple[int, int, int] = attrs.field(default=(3, 3, 3), converter=_triple)
@@ -55,7 +58,6 @@ class Lipar(ReferencePlanner):
     mask_median_causal: bool = False
     morph_size: int = attrs.field(default=3, converter=int)
     dilation: tuple[int, int, int] = attrs.field(default=(3, 5, 5), converter=_triple)
-    reverify: bool = False
     name: str = "lipar"
 
     def match_pairs(self, ctx: PlanContext, tokens: torch.Tensor, pairs) -> list[Match]:

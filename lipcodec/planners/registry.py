@@ -18,7 +18,7 @@ class MotionField:
     """Codec motion per pixel frame, pooled to a block grid (see :mod:`lipcodec.video`).
 
     ``vectors[k, y, x] = (dy, dx)`` in source pixels: the content of block (y, x) in pixel
-    frame k came from ``(y*block + dy, x*block + dx)`` in pixel frame k-1. ``picture_types``
+    frame k came from ``(y*block + dy, x*block + dx)`` in pixel frame k-1; NaN where the codec gave no vector (intra blocks, frame 0). ``picture_types``
     holds the codec's letters per pixel frame (``I``, ``P``, ``B``).
     """
 

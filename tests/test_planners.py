@@ -1,0 +1,232 @@
+"""Built-in planners on clips with known motion: synthetic latents and real pixels."""
+
+import numpy as np
+import pytest
+import torch
+
+import lipcodec
+from lipcodec import fixtures
+from lipcodec.planners import MotionField
+from lipcodec.video import pixel_proxy_latents, read_video
+
+FRAMES, ROWS, COLS = 9, 8, 12  # token grid of the synthetic latents
+
+
+def panning_latents(step_tokens=1, frames=FRAMES, seed=0):
+    """Latents whose content moves ``step_tokens`` tokens left per latent frame, exactly."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(16, 2 * ROWS, 2 * (COLS + step_tokens * frames), generator=g)
+    return torch.stack([wide[:, :, 2 * step_tokens * t : 2 * step_tokens * t + 2 * COLS] for t in range(frames)], 1)
+
+
+def still_latents(frames=FRAMES, noise=0.01, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(16, 1, 2 * ROWS, 2 * COLS, generator=g)
+    return base.repeat(1, frames, 1, 1) + noise * torch.randn(16, frames, 2 * ROWS, 2 * COLS, generator=g)
+
+
+def reused_share(plan, frames=slice(1, None)):
+    return 1 - float(plan.computed.reshape(plan.grid.frames, -1)[frames].float().mean())
+
+
+# -- synthetic latents ---------------------------------------------------------------------
+def test_motion_finds_exact_references_on_a_one_token_pan():
+    plan = lipcodec.plan(panning_latents()[None], "motion")
+    grid = plan.grid
+    t, rows, cols = (torch.arange(grid.size) // grid.tokens_per_frame, *grid.position(torch.arange(grid.size))[1:])
+    # every reused token points at the same content: `frames back` tokens to the right
+    reused = ~plan.computed
+    assert reused.float().mean() > 0.7
+    off = plan.offsets[reused]
+    assert torch.equal(off[:, 1], torch.zeros_like(off[:, 1]))
+    assert torch.equal(off[:, 2], off[:, 0])
+    # what stays computed is the new content entering on the right edge
+    assert not plan.computed[(t > 0) & (cols < grid.width - 1)].any()
+
+
+def test_lipar_reuses_little_on_a_pan():
+    plan = lipcodec.plan(panning_latents()[None], "lipar")
+    assert reused_share(plan) < 0.05
+
+
+@pytest.mark.parametrize("planner", ["lipar", "motion"])
+def test_still_clip_reuses_nearly_everything_after_frame_0(planner):
+    plan = lipcodec.plan(still_latents()[None], planner)
+    assert plan.frame_kept[0] == 1.0
+    assert reused_share(plan) > 0.95
+    assert set(plan.source.tolist()) <= set(range(plan.grid.tokens_per_frame))  # all copy frame 0
+
+
+@pytest.mark.parametrize("planner", ["lipar", "motion"])
+def test_scene_cut_becomes_a_keyframe(planner):
+    other = still_latents(seed=1)
+    clip = torch.cat([still_latents()[:, :5], other[:, 5:]], 1)
+    assert lipcodec.plan(clip[None], planner, gop="scenecut=40").frame_types == "IPPPPIPPP"
+    assert lipcodec.plan(clip[None], planner).frame_types == "IPPPPPPPP"  # scenecut=0 disables
+    # min_keyint forbids a keyframe too close to the last one
+    assert lipcodec.plan(clip[None], planner, gop="scenecut=40:min-keyint=6").frame_types == "IPPPPPPPP"
+
+
+@pytest.mark.parametrize("planner", ["lipar", "motion"])
+def test_b_frame_takes_its_future_anchor_when_that_matches(planner):
+    a, b = still_latents(seed=1), still_latents(seed=2)
+    clip = torch.cat([a[:, :1], b[:, 1:]], 1)  # frame 1 (a b-frame) looks like its future anchor, not its past
+    plan = lipcodec.plan(clip[None], planner, gop="bframes=1")
+    assert plan.frame_types.startswith("IbP")
+    frame1 = slice(plan.grid.tokens_per_frame, 2 * plan.grid.tokens_per_frame)
+    source_frames = plan.source[frame1] // plan.grid.tokens_per_frame
+    assert (source_frames == 2).float().mean() > 0.9
+    assert plan.frame_kept[2] == 1.0  # the P anchor could not copy frame 0
+
+
+def test_b_pyramid_references_follow_the_schedule():
+    plan = lipcodec.plan(still_latents()[None], "lipar", gop="keyint=8:bframes=3:b-pyramid=normal")
+    assert plan.frame_types == "IbBbPBbPI"  # a closed GOP ends its last run on a P
+    reach = plan.schedule.reachable
+    frame = torch.arange(plan.grid.size) // plan.grid.tokens_per_frame
+    for t in range(plan.grid.frames):
+        sources = set((plan.source[frame == t] // plan.grid.tokens_per_frame).tolist()) - {t}
+        assert sources <= reach[t]
+
+
+def test_long_term_guard_stops_slow_drift():
+    # each frame moves a little: under tau1 frame to frame, far from frame 0 after a while
+    g = torch.Generator().manual_seed(0)
+    drift = torch.randn(16, 1, 2 * ROWS, 2 * COLS, generator=g) * 0.06
+    clip = still_latents(noise=0.0) + drift * torch.arange(FRAMES).float()[None, :, None, None]
+    guarded = lipcodec.plan(clip[None], "lipar", reverify=True)
+    unguarded = lipcodec.plan(clip[None], "lipar", tau2=None)
+    assert guarded.kept_ratio > unguarded.kept_ratio
+    tokens = lipcodec.PlanContext(clip).tokens().reshape(guarded.grid.size, -1)
+    reused = ~guarded.computed
+    dist = lipcodec.planners.ops.trimmed_l1(tokens[reused], tokens[guarded.source[reused]])
+    assert float(dist.max()) <= 0.3
+
+
+def moving_square_latents(frames=FRAMES):
+    """A still background with a 4x4-token square of fresh content moving one token per frame.
+
+    (LIPAR's 3x3x3 mask median erases changed regions much smaller than its window.)"""
+    clip = still_latents(frames)
+    g = torch.Generator().manual_seed(3)
+    for t in range(frames):
+        y, x = 4, 2 * (t % 4)
+        clip[:, t, y : y + 8, x : x + 8] = torch.randn(16, 8, 8, generator=g)
+    return clip
+
+
+def test_lipar_dilation_only_adds_kept_tokens():
+    clip = moving_square_latents()
+    small = lipcodec.plan(clip[None], "lipar", dilation=(1, 1, 1))
+    large = lipcodec.plan(clip[None], "lipar")
+    assert bool((small.computed <= large.computed).all())
+    assert large.num_kept > small.num_kept
+
+
+def test_planners_are_deterministic_and_leave_latents_alone():
+    clip = torch.cat([still_latents()[:, :4], panning_latents()[:, 4:]], 1)
+    before = clip.clone()
+    for name in ("lipar", "motion"):
+        a, b = lipcodec.plan(clip[None], name), lipcodec.plan(clip[None], name)
+        assert torch.equal(a.source, b.source)
+    assert torch.equal(clip, before)
+
+
+# -- real pixels ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_pan():
+    # 4 px per pixel frame = 16 px per latent frame = exactly one Wan token
+    return fixtures.pan(frames=17, size=(128, 192), step=(0, 4))
+
+
+def search_steps(planner, latents, motion=None):
+    """Displacement (rows, cols) each token's best match in the previous frame sits at,
+    for latent frames 2.. (from latent frame 1 on the pan moves exactly one token per frame;
+    latent frame 0 is one pixel frame, 0.6 token from latent frame 1's 4-frame average)."""
+    ctx = lipcodec.PlanContext(latents, motion=motion)
+    grid = ctx.grid
+    pairs = [(t, t - 1) for t in range(2, grid.frames)]
+    here = torch.arange(grid.tokens_per_frame)
+    steps = []
+    for (t, r), m in zip(pairs, planner.match_pairs(ctx, ctx.tokens(), pairs)):
+        _, row, col = grid.position(m.source)
+        steps.append(torch.stack([row - here // grid.width, col - here % grid.width], 1))
+    return torch.cat(steps)
+
+
+def obeys_the_guard(plan, latents, tau2):
+    tokens = lipcodec.PlanContext(latents).tokens().reshape(plan.grid.size, -1)
+    reused = ~plan.computed
+    return bool((lipcodec.planners.ops.trimmed_l1(tokens[reused], tokens[plan.source[reused]]) <= tau2).all())
+
+
+def test_motion_tracks_a_real_photo_pan_through_the_pixel_proxy(real_pan):
+    latents = pixel_proxy_latents(real_pan)
+    planner = lipcodec.planners.get("motion", tau1=0.3, tau2=0.6)
+    steps = search_steps(planner, latents)
+    assert ((steps[:, 0] == 0) & (steps[:, 1] == 1)).float().mean() > 0.9
+    plan = planner(lipcodec.PlanContext(latents))
+    assert (~plan.computed).float().mean() > 0.5
+    assert obeys_the_guard(plan, latents, 0.6)
+
+
+def test_bitstream_follows_libx264_motion_vectors(real_pan, tmp_path):
+    video = read_video(fixtures.h264(real_pan, tmp_path / "pan.mp4"), motion=True, progress=False)
+    assert np.nanmedian(video.motion.vectors[1:, ..., 1]) == pytest.approx(4.0)  # 4 px per pixel frame
+    latents = pixel_proxy_latents(video.frames)
+    planner = lipcodec.planners.get("bitstream", tau1=0.3, tau2=0.6)
+    steps = search_steps(planner, latents, video.motion)
+    interior = torch.arange(len(steps)) % 96 % 12 < 11  # the right edge has no source
+    assert ((steps[interior, 0] == 0) & (steps[interior, 1] == 1)).float().mean() > 0.8
+    plan = planner(lipcodec.PlanContext(latents, motion=video.motion))
+    assert (~plan.computed).float().mean() > 0.5
+    assert obeys_the_guard(plan, latents, 0.6)
+
+
+def test_bitstream_with_an_exact_synthetic_field():
+    clip = panning_latents()
+    t = 4 * (FRAMES - 1) + 1
+    vectors = np.zeros((t, ROWS, COLS, 2), np.float32)
+    vectors[1:, :, :, 1] = 4.0  # content came from 4 px to the right in the previous pixel frame
+    motion = MotionField(vectors, 16, (16 * ROWS, 16 * COLS))
+    plan = lipcodec.plan(clip[None], "bitstream", motion=motion)
+    off = plan.offsets[~plan.computed]
+    assert (~plan.computed).float().mean() > 0.7
+    assert torch.equal(off[:, 2], off[:, 0])
+
+
+def test_bitstream_without_motion_vectors_says_how_to_get_them():
+    with pytest.raises(ValueError, match="read_video\\(path, motion=True\\)"):
+        lipcodec.plan(still_latents()[None], "bitstream")
+
+
+@pytest.mark.parametrize("planner", ["lipar", "motion"])
+def test_target_kept_meets_the_budget_on_the_bundled_clip(planner):
+    video = read_video(fixtures.bundled_clip(), progress=False)
+    latents = pixel_proxy_latents(video.frames)[None]
+    for target in (0.5, 0.8):
+        plan = lipcodec.plan(latents, planner, target_kept=target)
+        assert abs(plan.kept_ratio - target) < 0.05
+        assert plan.meta["target_kept"] == target
+
+
+# -- parameters ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "planner, params, message",
+    [
+        ("lipar", {"tau1": -0.1}, "tau1=-0.1 is out of range"),
+        ("lipar", {"tau2": float("inf")}, "tau2=inf is out of range"),
+        ("lipar", {"target_kept": 1.5}, "target_kept=1.5 is out of range"),
+        ("lipar", {"dilation": "3,5"}, "three positive ints"),
+        ("motion", {"radius": 40}, "radius=40 is out of range"),
+        ("lipar", {"radius": 2}, "planner 'lipar'.*radius"),
+    ],
+)
+def test_bad_parameters_name_the_problem(planner, params, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        lipcodec.planners.get(planner, **params)
+
+
+def test_parameters_given_as_strings_are_converted():
+    planner = lipcodec.planners.get("lipar", tau1="0.1", tau2="none", dilation="1,3,3")
+    assert planner.tau1 == 0.1 and planner.tau2 is None and planner.dilation == (1, 3, 3)
