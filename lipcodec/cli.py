@@ -20,7 +20,6 @@ import traceback
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 
 class UsageError(Exception):

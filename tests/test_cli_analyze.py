@@ -8,17 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
-import attrs
-import numpy as np
 import pytest
 import torch
 
 from lipcodec import Plan, fixtures
 from lipcodec.cli import main, parse_params
-from lipcodec.gop import Schedule
 from lipcodec.planners import register_planner
 from lipcodec.video import read_video
 
@@ -29,7 +25,6 @@ LIPCODEC = str(SCRIPT) if SCRIPT.exists() else shutil.which("lipcodec")
 # previous frame (so the overlay has reference lines). Written to a file for subprocesses.
 PLANNER_SOURCE = '''
 import attrs, torch
-from lipcodec.gop import Schedule
 from lipcodec.plan import Plan
 from lipcodec.planners import register_planner
 
