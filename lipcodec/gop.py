@@ -49,11 +49,12 @@ def _in_range(lo: int, hi: int | None = None):
     def check(instance, attribute, value):
         if value is None and attribute.name == "keyint":
             return
+        owner = type(instance).__name__
         if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"GOP.{attribute.name} must be an int, got {value!r}")
+            raise TypeError(f"{owner}.{attribute.name} must be an int, got {value!r}")
         if value < lo or (hi is not None and value > hi):
             bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-            raise ValueError(f"GOP.{attribute.name}={value} is out of range: use {bound}")
+            raise ValueError(f"{owner}.{attribute.name}={value} is out of range: use {bound}")
 
     return check
 
@@ -223,6 +224,8 @@ class Schedule:
         """
         if frames < 1:
             raise ValueError(f"a schedule needs at least one frame, got {frames}")
+        if change is not None and len(change) != frames:
+            raise ValueError(f"change has {len(change)} entries for {frames} frames: give one share per frame")
         cut_set = set(int(c) for c in cuts)
         keyframes = [0]
         for t in range(1, frames):

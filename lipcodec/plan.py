@@ -251,7 +251,10 @@ class Plan:
         if not path.is_file():
             raise FileNotFoundError(f"no plan file at {path}: create one with Plan.save or `lipcodec analyze --save-plan`")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive")
+            with data:
                 return cls(
                     tuple(int(v) for v in data["grid"]),
                     torch.from_numpy(data["source"]),
@@ -259,7 +262,7 @@ class Plan:
                     shift=torch.from_numpy(data["shift"]) if "shift" in data else None,
                     meta=json.loads(str(data["meta"])),
                 )
-        except (KeyError, ValueError, OSError) as error:
+        except (KeyError, ValueError, OSError, EOFError) as error:
             if isinstance(error, PlanError):
                 raise
             raise PlanError(f"{path} is not a lipcodec plan file ({error}); it must come from Plan.save") from error

@@ -167,7 +167,7 @@ def test_plan_rejects_non_finite_latents(bad):
     x = clip()
     x[1, 2, 3, 4] = bad
     with pytest.raises(ValueError, match=re.escape(
-        "latents contain NaN or Inf (first at index (C, F, H, W) = (1, 2, 3, 4)); check the encoder"
+        "latents contain NaN or Inf (first at index (B, C, F, H, W) = (0, 1, 2, 3, 4)); check the encoder"
     )):
         lipcodec.plan(x[None], "intra")
 
@@ -176,7 +176,7 @@ def test_plan_rejects_nan_in_a_batch_of_identical_videos():
     # two copies of one video holding a NaN are the same video: the error must be about the NaN
     x = clip()
     x[0, 1, 2, 3] = float("nan")
-    with pytest.raises(ValueError, match=re.escape("latents contain NaN or Inf (first at index (C, F, H, W) = (0, 1, 2, 3))")):
+    with pytest.raises(ValueError, match=re.escape("latents contain NaN or Inf (first at index (B, C, F, H, W) = (0, 0, 1, 2, 3))")):
         lipcodec.plan(torch.stack([x, x.clone()]), "intra")
 
 

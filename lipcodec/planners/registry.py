@@ -149,6 +149,11 @@ def plan(
     the batch must be the same (CFG or several samples of one source): a plan is per video.
     """
     latents = torch.as_tensor(latents)
+    if not torch.isfinite(latents).all():
+        bad = (~torch.isfinite(latents)).nonzero()[0].tolist()
+        dims = ("B", "C", "F", "H", "W")[-latents.ndim :] if latents.ndim <= 5 else ()
+        where = f"({', '.join(dims)}) = {tuple(bad)}" if dims else str(tuple(bad))
+        raise ValueError(f"latents contain NaN or Inf (first at index {where}); check the encoder")
     if latents.ndim == 5:
         if latents.shape[0] > 1 and not all(torch.equal(latents[0], x) for x in latents[1:]):
             raise ValueError(
@@ -158,9 +163,6 @@ def plan(
         latents = latents[0]
     elif latents.ndim != 4:
         raise ValueError(f"latents must be (B, C, F, H, W) or (C, F, H, W), got shape {tuple(latents.shape)}")
-    if not torch.isfinite(latents).all():
-        bad = (~torch.isfinite(latents)).nonzero()[0].tolist()
-        raise ValueError(f"latents contain NaN or Inf (first at index (C, F, H, W) = {tuple(bad)}); check the encoder")
     if isinstance(gop, str):
         gop = GOP.from_x264_params(gop)
     ctx = PlanContext(
