@@ -25,6 +25,7 @@ LIPCODEC = str(SCRIPT) if SCRIPT.exists() else shutil.which("lipcodec")
 # previous frame (so the overlay has reference lines). Written to a file for subprocesses.
 PLANNER_SOURCE = '''
 import attrs, torch
+from lipcodec.gop import Schedule
 from lipcodec.plan import Plan
 from lipcodec.planners import register_planner
 
