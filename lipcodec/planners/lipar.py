@@ -68,9 +68,8 @@ class Lipar(ReferencePlanner):
         place = torch.arange(h * w, device=tokens.device)
         return [Match(distance[k], r * h * w + place) for k, (_, r) in enumerate(pairs)]
 
-    def refine(self, ctx, short_term, tau):
-        smoothed = causal_gaussian(causal_median(short_term, self.median_size), self.gaussian_sigma, self.gaussian_size)
-        return smoothed <= tau
+    def score(self, ctx, short_term):
+        return causal_gaussian(causal_median(short_term, self.median_size), self.gaussian_sigma, self.gaussian_size)
 
     def postprocess(self, reuse):
         keep = majority(~reuse, self.mask_median_size, self.mask_median_causal)

@@ -9,7 +9,7 @@ The engine does the rest, the same way for every planner:
 2. the schedule: frame types and references from the GOP (B-frames, pyramid, ref);
 3. per token, the best match over the frame's allowed references (a B-frame token takes
    its past or its future anchor, whichever matches better);
-4. the decision: reuse when the distance is at most ``tau1`` (planners may refine it);
+4. the decision: reuse when the distance is at most ``tau1`` (planners may smooth it first);
 5. chains resolved in coding order, with the long-term guard: a token is only reused if
    it is within ``tau2`` of the computed token it finally copies;
 6. ``target_kept``: the thresholds scaled together until the kept ratio meets a budget.
@@ -76,9 +76,10 @@ class ReferencePlanner:
         """For each (t, r): the best token of frame r for every token of frame t."""
         raise NotImplementedError
 
-    def refine(self, ctx: PlanContext, short_term: torch.Tensor, tau: float) -> torch.Tensor:
-        """Reuse decision from the best-match distance volume (F, H, W); default: ``d <= tau``."""
-        return short_term <= tau
+    def score(self, ctx: PlanContext, short_term: torch.Tensor) -> torch.Tensor:
+        """Change score per token from the best-match distance volume (F, H, W); a token is
+        reused where ``score <= tau1``. Default: the distance itself."""
+        return short_term
 
     def postprocess(self, reuse: torch.Tensor) -> torch.Tensor:
         """Final clean-up of the reuse mask (F, H, W) after the guard; default: none."""
@@ -87,7 +88,7 @@ class ReferencePlanner:
     # -- the engine --------------------------------------------------------------------------
     def __call__(self, ctx: PlanContext) -> Plan:
         tokens = ctx.tokens()  # (F, H, W, D)
-        cache: dict[tuple[int, int], Match] = {}
+        cache: dict = {}  # (t, r) -> Match; schedule letters -> score volume
 
         def matches(pairs):
             todo = [p for p in dict.fromkeys(pairs) if p not in cache]
@@ -96,10 +97,10 @@ class ReferencePlanner:
             return [cache[p] for p in pairs]
 
         if self.target_kept is None:
-            return self._decide(ctx, tokens, matches, 1.0)
-        return self._search_budget(ctx, tokens, matches)
+            return self._decide(ctx, tokens, matches, cache, 1.0)
+        return self._search_budget(ctx, tokens, matches, cache)
 
-    def _decide(self, ctx, tokens, matches, scale: float) -> Plan:
+    def _decide(self, ctx, tokens, matches, cache, scale: float) -> Plan:
         grid, gop = ctx.grid, ctx.gop
         f, hw = grid.frames, grid.tokens_per_frame
         tau = self.tau1 * scale
@@ -123,15 +124,17 @@ class ReferencePlanner:
             best_distance[t] = torch.where(better, m.distance, best_distance[t])
             best_source[t] = torch.where(better, m.source, best_source[t])
         # keyframes have no reference; for filters that look back, use the change to t-1
-        short_term = best_distance.clone()
-        for t in range(f):
-            if not schedule.refs[t]:
-                short_term[t] = matches([(t, t - 1)])[0].distance if t > 0 else 0.0
-        short_term = short_term.nan_to_num(posinf=1e6).reshape(grid.frames, grid.height, grid.width)
+        if schedule.types not in cache:  # the score does not depend on the thresholds
+            short_term = best_distance.clone()
+            for t in range(f):
+                if not schedule.refs[t]:
+                    short_term[t] = matches([(t, t - 1)])[0].distance if t > 0 else 0.0
+            short_term = short_term.nan_to_num(posinf=1e6).reshape(grid.frames, grid.height, grid.width)
+            cache[schedule.types] = self.score(ctx, short_term).reshape(f, hw)
 
         # 3. decide, guard, clean up, resolve
         keyframe = torch.tensor([not refs for refs in schedule.refs], device=device)
-        short_reuse = self.refine(ctx, short_term, tau).reshape(f, hw)
+        short_reuse = cache[schedule.types] <= tau
         reuse = short_reuse & torch.isfinite(best_distance) & ~keyframe[:, None]
         flat = tokens.reshape(f * hw, -1)
         source = _resolve(schedule, flat, best_source, reuse, tau2, self.trim)
@@ -146,15 +149,17 @@ class ReferencePlanner:
         meta = {"planner": self.name, "params": _params(self), "gop": str(gop), "threshold_scale": scale}
         return Plan(grid, source, schedule, meta=meta)
 
-    def _search_budget(self, ctx, tokens, matches) -> Plan:
-        """Bisect a common scale of the thresholds (log-space) for ``target_kept``."""
-        lo, hi = -12.0, 12.0  # log2 scale: kept ratio falls as the scale grows
+    def _search_budget(self, ctx, tokens, matches, cache) -> Plan:
+        """Bisect a common scale of the thresholds (log2 space) for ``target_kept``."""
+        lo, hi = -12.0, 12.0  # kept ratio falls as the scale grows
         best = None
         for _ in range(24):
             mid = (lo + hi) / 2
-            candidate = self._decide(ctx, tokens, matches, 2.0**mid)
+            candidate = self._decide(ctx, tokens, matches, cache, 2.0**mid)
             if best is None or abs(candidate.kept_ratio - self.target_kept) < abs(best.kept_ratio - self.target_kept):
                 best = candidate
+            if abs(best.kept_ratio - self.target_kept) * ctx.grid.size < 0.5 * ctx.grid.tokens_per_frame / 8:
+                break  # within an eighth of a frame's tokens of the budget: good enough
             if candidate.kept_ratio > self.target_kept:
                 lo = mid
             else:
