@@ -360,3 +360,19 @@ def test_errors_name_the_problem_and_the_choices(model, inputs):
 
 def test_lazy_exports():
     assert lipcodec.apply is apply and lipcodec.remove is remove
+
+
+def test_speed_benchmark_smoke(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "executor_speed.py"
+    spec = importlib.util.spec_from_file_location("executor_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    bench.main(["--tiny", "--kept", "0.5", "--reps", "1", "--warmup", "0", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["recovery"] for r in rows] == [None, None, *RECOVERY_MODES, "ceiling"]
+    assert all(r["ms"] > 0 for r in rows)
