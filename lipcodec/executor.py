@@ -191,8 +191,9 @@ class Stats:
 
 
 class _State:
-    def __init__(self, codec: Codec):
-        self.codec = weakref.proxy(codec)
+    """Shared by every hook and processor of one Codec: the current call, or None."""
+
+    def __init__(self):
         self.call: _Call | None = None
 
 
@@ -298,7 +299,7 @@ class Codec:
             )
         self._plan_kwargs = plan_kwargs
         self.stats = Stats()
-        self._state = _State(self)
+        self._state = _State()
         self._prepared: dict = {}
         self._source: torch.Tensor | None = None  # clean source latents (B, C, F, H, W)
         self._clean: list = []  # [(weakref(text), [per block (k, v)])]
