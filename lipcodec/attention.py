@@ -71,18 +71,31 @@ class WanRecoveryProcessor:
         query = query.unflatten(2, (attn.heads, -1))  # (B, Sk, H, D)
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        key_raw = key  # un-rotated: what duplicated keys are copied from
-        if rotary_emb is not None:
-            query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
-
+        recover = call is not None and not call.prep.identity and call.prep.num_dup
+        cached = recover and self.mode == "clean" and call.clean_kv is not None
         head_dim, scale = query.shape[-1], None
-        if call is not None and not call.prep.identity and call.prep.num_dup:
-            if self.mode == "proportional":
+        if recover and self.mode in ("duplicate", "clean") and not cached:
+            # every key at once: kept keys and copies of their references' un-rotated keys,
+            # gathered by kv_slot and rotated at their own positions (one gather, no cat)
+            sk = query.shape[1]
+            if rotary_emb is not None:
+                query = rotate(query, *rotary_emb)
+            key = key[:, call.prep.kv_slot]  # (B, Sk + Sd, H, D)
+            if call.rope_kv is not None:
+                key = rotate(key, *call.rope_kv)
+            value = value[:, call.prep.kv_slot]
+            if call.capture is not None:  # Codec.prime: the clean pass keeps its duplicated K/V
+                call.capture[self.block] = (key[:, sk:], value[:, sk:])
+        else:
+            if rotary_emb is not None:
+                query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
+            if recover and self.mode == "proportional":
                 query, key, value, scale = fold_log_multiplicity(query, key, value, call.prep.log_mult)
-            elif self.mode in ("duplicate", "clean"):
-                key_dup, value_dup = self._duplicates(call, key_raw, value)  # (B, Sd, H, D)
-                key = torch.cat([key, key_dup], 1)  # (B, Sk + Sd, H, D)
-                value = torch.cat([value, value_dup], 1)
+            elif cached:  # "clean": the duplicated K/V of the clean pass, already rotated
+                key_dup, value_dup = call.clean_kv[self.block]  # (1 or B, Sd, H, D)
+                b = key.shape[0]
+                key = torch.cat([key, key_dup.expand(b, -1, -1, -1).to(key.dtype)], 1)  # (B, Sk + Sd, H, D)
+                value = torch.cat([value, value_dup.expand(b, -1, -1, -1).to(value.dtype)], 1)
 
         out = dispatch_attention_fn(
             query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=scale,
@@ -91,23 +104,6 @@ class WanRecoveryProcessor:
         out = out[..., :head_dim].flatten(2, 3).type_as(query)  # (B, Sk, H*D)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
-
-    def _duplicates(self, call, key_raw, value):
-        prep = call.prep
-        if self.mode == "clean" and call.clean_kv is not None:
-            key_dup, value_dup = call.clean_kv[self.block]  # cached, already rotated
-            b = key_raw.shape[0]
-            if key_dup.shape[0] != b:
-                key_dup, value_dup = key_dup.expand(b, -1, -1, -1), value_dup.expand(b, -1, -1, -1)
-            return key_dup.to(key_raw.dtype), value_dup.to(value.dtype)
-        key_dup = key_raw[:, prep.dup_slot]  # (B, Sd, H, D): the reference's un-rotated key
-        if call.rope_full is not None:
-            cos, sin = call.rope_full
-            key_dup = rotate(key_dup, cos[:, prep.dup_ids], sin[:, prep.dup_ids])  # at its own position
-        value_dup = value[:, prep.dup_slot]  # (B, Sd, H, D)
-        if call.capture is not None:  # Codec.prime: keep the clean K/V for later calls
-            call.capture[self.block] = (key_dup, value_dup)
-        return key_dup, value_dup
 
 
 def check_recovery(mode: str) -> str:

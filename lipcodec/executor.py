@@ -141,6 +141,8 @@ class _Prepared:
     identity: bool
     dup_ids: torch.Tensor  # (Sd,) reused tokens re-inserted as keys (duplicate/clean)
     dup_slot: torch.Tensor  # (Sd,) kept row of each one's reference
+    kv_slot: torch.Tensor  # (Sk + Sd,) kept row behind every key: kept rows, then dup_slot
+    kv_pos: torch.Tensor  # (Sk + Sd,) token position (RoPE) of every key: keep, then dup_ids
     log_mult: torch.Tensor  # (Sk,) float32 log multiplicity over the recovered tokens (proportional)
     num_dup: int
     frame_kept: np.ndarray  # (F,) kept tokens per latent frame
@@ -156,9 +158,11 @@ class _Prepared:
         dup_ids = recovered.nonzero().flatten()
         dup_slot = plan.slot[dup_ids]
         mult = 1 + torch.bincount(dup_slot, minlength=plan.num_kept)  # (Sk,)
+        kv_slot = torch.cat([torch.arange(plan.num_kept, device=device), dup_slot])
+        kv_pos = torch.cat([plan.keep, dup_ids])
         return cls(
             plan, plan.keep, plan.slot, plan.source, plan.computed, bool(plan.computed.all()),
-            dup_ids, dup_slot, mult.float().log(), int(dup_ids.numel()),
+            dup_ids, dup_slot, kv_slot, kv_pos, mult.float().log(), int(dup_ids.numel()),
             plan.computed.reshape(frames, -1).sum(1).cpu().numpy(),
         )
 
@@ -170,7 +174,7 @@ class _Call:
     prep: _Prepared
     x_tok: torch.Tensor | None = None  # (B, N, P) input latents in patch order (restore="copy")
     sigma: torch.Tensor | None = None  # (B, N or 1, 1) noise level per token
-    rope_full: tuple | None = None  # full (cos, sin), for re-rotating duplicated keys
+    rope_kv: tuple | None = None  # (cos, sin) at every key's position (kv_pos), gathered once per call
     clean_kv: list | None = None  # per block (k_dup, v_dup) from the clean pass
     capture: list | None = None  # set while priming: blocks write their (k_dup, v_dup) here
 
@@ -230,7 +234,8 @@ class _RopeHook(ModelHook):
         call = self.state.call
         if call is None or call.prep.identity:
             return output
-        call.rope_full = output
+        if call.prep.num_dup:  # duplicated keys are rotated to their own positions
+            call.rope_kv = tuple(table.index_select(self.dim, call.prep.kv_pos) for table in output)  # (1, Sk+Sd, 1, D)
         return tuple(table.index_select(self.dim, call.prep.keep) for table in output)  # (1, Sk, 1, D) each
 
 
