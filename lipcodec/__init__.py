@@ -11,7 +11,7 @@ from .planners import PlanContext, plan, register_planner
 
 __version__ = "0.1.0"
 
-_LAZY = {"apply": "executor", "remove": "executor", "Codec": "executor"}
+_LAZY = {"apply": "executor", "remove": "executor", "Codec": "executor", "edit": "editing"}
 
 
 def __getattr__(name):  # the executor imports diffusers; load it on first use only
@@ -24,5 +24,5 @@ def __getattr__(name):  # the executor imports diffusers; load it on first use o
 
 __all__ = [
     "GOP", "Schedule", "Grid", "Plan", "PlanError", "PlanContext",
-    "plan", "register_planner", "planners", "apply", "remove", "Codec",
+    "plan", "register_planner", "planners", "apply", "remove", "Codec", "edit",
 ]
