@@ -1,6 +1,7 @@
 """The ``lipcodec`` command line: one function per subcommand (``cmd_<name>``).
 
-Exit codes: 0 ok, 2 usage or bad input (one clear line on stderr), 1 internal error.
+Exit codes: 0 ok, 2 usage or bad input (one clear line on stderr), 3 NaN/Inf in latents
+or model outputs (the line says where), 1 internal error, 130 interrupted.
 Adding a subcommand: write ``add_<name>(subparsers)`` that builds its parser and sets
 ``func=cmd_<name>``, append it to ``SUBCOMMANDS``; reuse :func:`add_input_args`,
 :func:`add_plan_args`, :func:`load_video`, :func:`get_latents` and :func:`make_plan`.
@@ -259,7 +260,303 @@ def _table(report: dict, video) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-SUBCOMMANDS = [add_analyze]
+# shared by edit / compare / bench
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model, the prompt and the SDEdit settings."""
+    parser.add_argument(
+        "--model", default="reference", metavar="DIR",
+        help="local diffusers Wan pipeline folder (model_index.json); 'reference' = the embedded model (not available yet)",
+    )
+    parser.add_argument("--prompt", help="edit prompt (needs a text encoder in the model; else --prompt-embeds)")
+    parser.add_argument("--negative-prompt", help="negative prompt (with a text encoder)")
+    parser.add_argument(
+        "--prompt-embeds", metavar="FILE",
+        help="safetensors with 'prompt_embeds' (1, L, D) [+ 'negative_prompt_embeds']; default: the model "
+        "folder's prompt_embeds.safetensors",
+    )
+    parser.add_argument("--strength", type=float, default=0.6, help="SDEdit strength in (0, 1] (default 0.6)")
+    parser.add_argument("--steps", type=int, default=10, help="scheduler steps at strength 1 (default 10)")
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="float32", help="transformer dtype: float32, bfloat16, float16")
+    parser.add_argument(
+        "--memory-limit", metavar="SIZE",
+        help="refuse runs estimated above SIZE (e.g. 8G); default: free memory on the device",
+    )
+    parser.add_argument("--fps", type=float, help="resample to this frame rate (default: keep the source rate)")
+    parser.add_argument("--size", type=_size, metavar="WxH", help="scale to cover WxH and center-crop (multiples of 16)")
+    parser.add_argument("--max-frames", type=int, metavar="N", help="read at most N frames (then cut to 4k+1)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or tables")
+
+
+def add_recovery_args(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
+    from .attention import RECOVERY_MODES
+
+    if several:
+        parser.add_argument(
+            "--recoveries", default="none", metavar="A,B",
+            help=f"attention recovery modes, comma-separated ({', '.join(RECOVERY_MODES)}; default none)",
+        )
+    else:
+        parser.add_argument("--recovery", default="none", help=f"attention recovery: {', '.join(RECOVERY_MODES)} (default none)")
+    parser.add_argument("--restore", default="copy", help="restore for reused tokens: copy (default) or velocity")
+
+
+def _device(args) -> str:
+    if args.device is None:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
+
+
+def prepare_session(args, video_path, *, motion: bool = False):
+    """Check the settings, load the model and prompt, estimate memory, decode ``video_path``."""
+    from .editing import parse_bytes, prepare
+
+    return prepare(
+        video_path if video_path is not None else _bundled(), args.model, prompt=args.prompt,
+        negative_prompt=args.negative_prompt, prompt_embeds=args.prompt_embeds, strength=args.strength,
+        steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, device=_device(args), dtype=args.dtype,
+        fps=args.fps, size=args.size, max_frames=args.max_frames,
+        memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None, progress=not args.quiet,
+        motion=motion,
+    )
+
+
+def _bundled():
+    from .fixtures import bundled_clip
+
+    return bundled_clip()
+
+
+def _split(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UsageError(f"{what} {text!r} names nothing; pass a comma-separated list, e.g. intra,lipar")
+    return items
+
+
+def write_json(target: str | None, data, video_arg=None) -> None:
+    """``--json FILE`` (atomic) or ``--json -`` (stdout)."""
+    if target is None:
+        return
+    text = json.dumps(data, indent=2, default=_json_default) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        write_text_atomic(Path(target), text)
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+def _check_json_target(target, video_arg):
+    if target is not None and target != "-":
+        check_output(target, video_arg, "--json")
+
+
+VIDEO_SUFFIXES = {".mp4": "h264", ".mov": "h264", ".mkv": "ffv1"}
+
+
+# ---------------------------------------------------------------------------------------
+# edit
+def add_edit(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "edit",
+        help="edit a video with a video DiT, computing only the tokens the plan keeps",
+        description="SDEdit IN with a Wan video-to-video pipeline under a lipcodec plan; write OUT.",
+    )
+    parser.add_argument("video", metavar="IN", help="input video")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output video (.mp4 H.264, .mkv lossless FFV1)")
+    add_model_args(parser)
+    add_plan_args(parser)
+    add_recovery_args(parser)
+    parser.add_argument("--reference", action="store_true", help="also run unpruned (same noise) and report fidelity")
+    parser.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' = stdout)")
+    parser.set_defaults(func=cmd_edit)
+
+
+def cmd_edit(args) -> int:
+    from .editing import edit, parse_bytes
+    from .video import write_video
+
+    out = check_output(args.output, args.video, "-o")
+    codec = VIDEO_SUFFIXES.get(out.suffix.lower())
+    if codec is None:
+        raise UsageError(f"-o {out}: unknown video type {out.suffix or '(none)'}; use .mp4 (H.264) or .mkv (lossless)")
+    _check_json_target(args.json, args.video)
+    planner, gop = build_planner(args)
+    result = edit(
+        args.video, args.model, prompt=args.prompt, negative_prompt=args.negative_prompt,
+        prompt_embeds=args.prompt_embeds, strength=args.strength, steps=args.steps, planner=planner, gop=gop,
+        recovery=args.recovery, restore=args.restore, seed=args.seed, reference=args.reference,
+        guidance_scale=args.guidance_scale, device=_device(args), dtype=args.dtype, fps=args.fps, size=args.size,
+        max_frames=args.max_frames, memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None,
+        progress=not args.quiet,
+    )
+    write_video(out, result.frames, result.fps, codec=codec, protect=[args.video], progress=not args.quiet)
+    report = {"input": str(args.video), "output": str(out), **result.report.to_dict()}
+    if not args.quiet and args.json != "-":
+        print(result.report.table())
+        print(f"wrote    {out}")
+    write_json(args.json, report)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# compare
+def add_compare(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="run several planners/GOPs and the unpruned baseline (same noise); write a report folder",
+        description="For each IN: the unpruned run and one run per planner x GOP x recovery, from the same noise; "
+        "writes report.md/.html/.json, per-frame plots (PNG) and a side-by-side video to -o DIR.",
+    )
+    parser.add_argument("videos", nargs="+", metavar="IN", help="input videos")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="report folder (replaced atomically)")
+    parser.add_argument("--planners", default="intra,lipar", metavar="A,B,C", help="planners (default intra,lipar)")
+    parser.add_argument(
+        "--gops", nargs="+", default=None, metavar="X264PARAMS",
+        help="GOPs to try, each an x264 params string ('default' = the planner's own)",
+    )
+    parser.add_argument(
+        "-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="planner parameter for every planner"
+    )
+    parser.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE", help="import MODULE first (repeatable)"
+    )
+    parser.add_argument("--list-planners", action="store_true", help="list registered planners and exit")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed unpruned runs first (default 1)")
+    parser.add_argument("--json", metavar="FILE", help="also write the JSON report here ('-' = stdout)")
+    add_model_args(parser)
+    add_recovery_args(parser, several=True)
+    parser.set_defaults(func=cmd_compare)
+
+
+def _planner_list(args) -> tuple[list[str], list, dict]:
+    from . import planners as registry
+    from .editing import build_planner as check_planner
+    from .editing import parse_gop
+
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise UsageError(f"--import {module}: {error}; put the module on PYTHONPATH") from None
+    names = _split(args.planners, "--planners")
+    params = parse_params(args.param)
+    for name in names:
+        if name not in registry.available():
+            raise UsageError(f"unknown planner {name!r}; available: {', '.join(registry.available())}")
+        check_planner(name, params)
+    gops = [None if g in ("default", "") else g for g in (args.gops or ["default"])]
+    for g in gops:
+        if g is not None:
+            parse_gop(g)  # validate now, label with the user's own text
+    return names, gops, params
+
+
+def cmd_compare(args) -> int:
+    from .editing import check_modes
+    from .report import compare_session, configs, write_report
+
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {out}: folder {out.parent} does not exist; create it first")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} is a file; the report is a folder: pass a new folder name")
+    for video in args.videos:
+        if out.exists() and Path(video).exists() and Path(video).resolve().is_relative_to(out.resolve()):
+            raise UsageError(f"-o {out} contains the input {video}, and the report replaces the folder: choose another")
+    _check_json_target(args.json, None)
+    if args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup} must be >= 0")
+    names, gops, params = _planner_list(args)
+    recoveries = _split(args.recoveries, "--recoveries")
+    for recovery in recoveries:
+        check_modes(recovery, args.restore)
+    cfgs = configs(names, gops, recoveries, (args.restore,), params)
+    results = []
+    for video in args.videos:
+        session = prepare_session(args, video, motion="bitstream" in names)
+        results.append(compare_session(session, cfgs, warmup=args.warmup, progress=not args.quiet))
+    setup = {"model": args.model, "strength": args.strength, "steps": args.steps, "seed": args.seed,
+             "guidance": args.guidance_scale, "device": _device(args), "dtype": args.dtype}
+    write_report(out, results, setup, protect=args.videos, progress=not args.quiet)
+    if not args.quiet and args.json != "-":
+        from .report import table_rows
+
+        for result in results:
+            head, rows = table_rows(result)
+            print(result["video"])
+            widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+            print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+            for row in rows:
+                print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        print(f"wrote    {out}/report.md, report.html, report.json, plots and side-by-side videos")
+    write_json(args.json, {"setup": setup, "videos": results})
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# bench
+def add_bench(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="timing table over planners and recovery modes on one model",
+        description="Time the denoising loop (plan fixed, warm-up, median of --repeat runs; CUDA events on GPU) "
+        "unpatched and per planner x recovery.",
+    )
+    parser.add_argument("video", nargs="?", metavar="IN", help="input video (default: the bundled clip)")
+    parser.add_argument("--planners", default="intra,lipar", metavar="A,B", help="planners (default intra,lipar)")
+    parser.add_argument("--gop", metavar="X264PARAMS", help="GOP for every planner")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="planner parameter")
+    parser.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE", help="import MODULE first (repeatable)"
+    )
+    parser.add_argument("--list-planners", action="store_true", help="list registered planners and exit")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per row first (default 1)")
+    parser.add_argument("--json", metavar="FILE", help="write the rows as JSON ('-' = stdout)")
+    add_model_args(parser)
+    add_recovery_args(parser, several=True)
+    parser.set_defaults(func=cmd_bench, gops=None)
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench, table
+    from .editing import check_modes, parse_gop
+
+    _check_json_target(args.json, args.video)
+    if args.repeat < 1 or args.warmup < 0:
+        raise UsageError(f"--repeat {args.repeat} must be >= 1 and --warmup {args.warmup} >= 0")
+    names, _, params = _planner_list(args)
+    recoveries = _split(args.recoveries, "--recoveries")
+    for recovery in recoveries:
+        check_modes(recovery, args.restore)
+    gop = parse_gop(args.gop)
+    session = prepare_session(args, args.video, motion="bitstream" in names)
+    rows = bench(session, names, recoveries, gop=gop, restore=args.restore, repeat=args.repeat, warmup=args.warmup,
+                 params=params, progress=not args.quiet)
+    device = str(session.device)
+    if not args.quiet and args.json != "-":
+        print(table(rows, device))
+    n, h, w = session.frames.shape[:3]
+    write_json(args.json, {"device": device, "frames": n, "size": [h, w], "model": args.model,
+                           "steps": args.steps, "strength": args.strength, "gop": str(gop) if gop else "default",
+                           "rows": rows})
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+SUBCOMMANDS = [add_analyze, add_edit, add_compare, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(planners.available()))
         return 0
 
+    from .editing import EditError, NumericalError
     from .plan import PlanError
     from .video import VideoError
 
@@ -301,7 +599,11 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("default")
         try:
             code = args.func(args)
-        except (UsageError, VideoError, FileNotFoundError, IsADirectoryError) as error:
+        except NumericalError as error:  # NaN/Inf in latents or model outputs: says where
+            _flush_warnings(caught, prog)
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            return 3
+        except (UsageError, EditError, VideoError, FileNotFoundError, FileExistsError, IsADirectoryError) as error:
             _flush_warnings(caught, prog)
             print(f"{prog}: error: {error}", file=sys.stderr)
             return 2

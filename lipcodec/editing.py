@@ -98,7 +98,7 @@ def load_model(model, *, device: str | None = None, dtype: torch.dtype | str | N
         )
     resolved.pipe = _video_to_video(resolved.pipe)
     _check_adapter(resolved.pipe)
-    if dtype is not None:
+    if dtype is not None and resolve_dtype(dtype) != resolved.pipe.transformer.dtype:
         resolved.pipe.transformer.to(resolve_dtype(dtype))
     if device is not None:
         resolved.pipe.to(resolve_device(device))
