@@ -119,10 +119,18 @@ class ReferencePlanner:
         best_distance = torch.full((f, hw), math.inf, device=device)
         best_source = torch.arange(f * hw, device=device).reshape(f, hw)
         pairs = [(t, r) for t in range(f) for r in schedule.refs[t]]
-        for (t, _), m in zip(pairs, matches(pairs)):
-            better = m.distance < best_distance[t]
-            best_distance[t] = torch.where(better, m.distance, best_distance[t])
-            best_source[t] = torch.where(better, m.source, best_source[t])
+        if pairs:  # (frame, rank) slots, inf where a frame has fewer references; argmin over rank
+            found = matches(pairs)
+            rank = [schedule.refs[t].index(r) for t, r in pairs]
+            slots = torch.full((f, max(rank) + 1, hw), math.inf, device=device)  # (F, R, HW)
+            where = (torch.tensor([t for t, _ in pairs]), torch.tensor(rank))
+            slots[where] = torch.stack([m.distance for m in found])
+            ids = torch.zeros((f, max(rank) + 1, hw), dtype=torch.long, device=device)
+            ids[where] = torch.stack([m.source for m in found])
+            pick = slots.argmin(1, keepdim=True)  # first (nearest) reference wins ties
+            has_ref = torch.tensor([bool(refs) for refs in schedule.refs], device=device)[:, None]
+            best_distance = torch.where(has_ref, slots.gather(1, pick)[:, 0], best_distance)
+            best_source = torch.where(has_ref, ids.gather(1, pick)[:, 0], best_source)
         # keyframes have no reference; for filters that look back, use the change to t-1
         if schedule.types not in cache:  # the score does not depend on the thresholds
             short_term = best_distance.clone()
@@ -180,10 +188,16 @@ def _resolve(schedule, flat, best_source, reuse, tau2, trim) -> torch.Tensor:
             continue
         ids = torch.arange(t * hw, (t + 1) * hw, device=flat.device)
         final = source[best_source[t]]  # references are coded earlier: already resolved
-        use = reuse[t].nonzero().flatten()  # guard only the candidates
-        if tau2 is not None:
-            use = use[trimmed_l1(flat[ids[use]], flat[final[use]], *trim) <= tau2]
-        source[ids[use]] = final[use]
+        if flat.is_cuda:  # no host sync: guard every token of the frame, keep the candidates
+            use = reuse[t]
+            if tau2 is not None:
+                use = use & (trimmed_l1(flat[ids], flat[final], *trim) <= tau2)
+            source[ids] = torch.where(use, final, ids)
+        else:  # CPU: guard only the candidates (fewer sorts)
+            use = reuse[t].nonzero().flatten()
+            if tau2 is not None:
+                use = use[trimmed_l1(flat[ids[use]], flat[final[use]], *trim) <= tau2]
+            source[ids[use]] = final[use]
     return source
 
 
