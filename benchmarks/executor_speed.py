@@ -94,6 +94,7 @@ def main(argv=None):
     parser.add_argument("--kept", type=float, nargs="+", default=[0.75, 0.5, 0.25])
     parser.add_argument("--modes", nargs="+", default=list(RECOVERY_MODES), choices=RECOVERY_MODES)
     parser.add_argument("--restore", default="copy", choices=("copy", "velocity"))
+    parser.add_argument("--backend", help="diffusers attention backend for every row (e.g. _native_cudnn, flash)")
     parser.add_argument("--out", required=True, help="JSON results path")
     args = parser.parse_args(argv)
 
@@ -109,6 +110,8 @@ def main(argv=None):
     torch.manual_seed(0)
     with torch.device(device):
         model = WanTransformer3DModel(**cfg).to(dtype).eval()
+        if args.backend:  # the same backend for the baseline, lipcodec and the ceiling
+            model.set_attention_backend(args.backend)
         x = torch.randn(shape, dtype=dtype)
         text = torch.randn(text_shape, dtype=dtype)
         t = torch.tensor([700.0])
@@ -145,7 +148,7 @@ def main(argv=None):
         print(f"{row['name']:<30}{row['kept']:7.2f}{row['ms']:11.2f}{row['speedup']:8.2f}x")
     result = {
         "config": "tiny" if args.tiny else "wan2.1-1.3b", "latents": list(shape), "text": list(text_shape),
-        "tokens": grid.size, "dtype": str(dtype), "device": torch.cuda.get_device_name() if cuda else platform.processor(),
+        "tokens": grid.size, "backend": args.backend or "native", "dtype": str(dtype), "device": torch.cuda.get_device_name() if cuda else platform.processor(),
         "torch": torch.__version__, "reps": reps, "warmup": warmup, "restore": args.restore, "rows": rows,
     }
     with open(args.out, "w") as f:

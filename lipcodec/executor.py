@@ -463,7 +463,10 @@ class Codec:
             self._num_attention = len(attention)
             for block, (name, module) in enumerate(attention):
                 original = module.processor
-                module.set_processor(adapter.processor(state, block, self.recovery))
+                processor = adapter.processor(state, block, self.recovery)
+                # keep the attention backend chosen with model.set_attention_backend(...)
+                processor._attention_backend = getattr(original, "_attention_backend", None)
+                module.set_processor(processor)
                 self._undo.append(lambda module=module, original=original: module.set_processor(original))
         model._lipcodec = self
 

@@ -376,3 +376,11 @@ def test_speed_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["recovery"] for r in rows] == [None, None, *RECOVERY_MODES, "ceiling"]
     assert all(r["ms"] > 0 for r in rows)
+
+
+def test_recovery_processors_keep_the_chosen_attention_backend(model):
+    model.set_attention_backend("native")
+    before = {n: p._attention_backend for n, p in model.attn_processors.items()}
+    with lipcodec.apply(model, Plan.identity((2, 8, 8)), recovery="duplicate"):
+        after = {n: p._attention_backend for n, p in model.attn_processors.items()}
+    assert after == before and before["blocks.0.attn1.processor"] is not None
