@@ -1,0 +1,778 @@
+"""Streaming executor for chunk-causal video DiTs (Self-Forcing / CausVid on Wan 2.1 weights).
+
+The latent video arrives frame by frame and is processed in chunks of ``chunk`` latent
+frames (Self-Forcing: 3). Per chunk:
+
+1. plan the chunk's tokens (``lipcodec.plan`` on the source latents seen so far; only
+   references to the past are allowed);
+2. a few-step denoising schedule (Self-Forcing sampler: predict x0 = x_t - sigma v, then
+   re-noise x0 with fresh noise to the next level); the chunk's kept tokens are the only
+   queries and attend to [cached K/V of earlier frames; the chunk's own K/V] - exactly
+   block-causal attention, no mask;
+3. reused tokens take their reference's final x0 (restoration);
+4. one clean pass at t = 0 on the chunk's output writes its K/V into the per-block cache;
+5. the cache keeps ``sink`` first frames plus the ``window`` most recent frames.
+
+Recovery (which keys reused tokens contribute, self-attention only; see docs/streaming.md):
+
+- ``none``: no keys for reused tokens; the cache holds kept tokens only.
+- ``proportional``: ToMe-style + log(c_j) on the logits of each kept key j.
+- ``duplicate``: reused tokens re-enter as keys/values copied from their reference's
+  *un-rotated* K and V, rotated to their own position. While denoising, a reference in
+  the same chunk gives its *noisy* K/V of the current step; one in an earlier chunk its
+  clean cached K/V.
+- ``clean`` (LIPAR's noise-aware duplication): while denoising, copies come only from the
+  clean cache: the reference itself when it is cached, else the token at the reference's
+  place in the most recent cached frame. In the clean pass both duplicate modes copy the
+  clean K/V of the same pass, so the cache holds every token of every cached frame.
+
+RoPE positions: frame f sits at time position f until the stream outgrows ``rope_frames``;
+then the newest chunk is pinned to the last positions and the cached non-sink keys are
+re-rotated back by the shift (LIPAR's policy); sink frames keep their positions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import attrs
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+from einops import rearrange
+
+from .attention import RECOVERY_MODES, fold_log_multiplicity, rotate
+from .gop import GOP
+from .planners import plan as make_plan
+
+FIRST_CHUNK_MODES = ("full", "prune")
+
+
+def flow_sigma(timestep: float, shift: float) -> float:
+    """Shifted flow-matching noise level of a timestep in 0..1000 (Wan/Self-Forcing warp)."""
+    s = timestep / 1000.0
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def _positive(instance, attribute, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"StreamConfig.{attribute.name}={value!r}: use an int >= 1")
+
+
+def _non_negative_or_none(instance, attribute, value):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"StreamConfig.{attribute.name}={value!r}: use an int >= 0, or None")
+
+
+@attrs.frozen(kw_only=True)
+class StreamConfig:
+    """How a stream is denoised. ``StreamConfig.editing()`` / ``.generation()`` are presets.
+
+    Important:
+        chunk: latent frames per chunk (Self-Forcing: 3).
+        timesteps: denoising steps, 0..1000 before the shift, first = start noise level
+            (generation 1000/750/500/250; LIPAR's editing starts at 400 with 4 steps).
+        shift: flow shift applied to every timestep (Wan / Self-Forcing: 5.0; 1 = none).
+        sink, window: the cache keeps the first ``sink`` frames of the stream and the
+            ``window`` most recent frames (LIPAR 1 + 6). ``window=None``: keep every frame.
+        recovery: ``none``, ``proportional``, ``duplicate`` or ``clean`` (module docstring).
+        first_chunk: ``full`` (default): chunk 0 ignores the plan and computes every token,
+            so the clean cache every later copy comes from is exact; ``prune``: LIPAR's
+            behaviour, chunk 0 is pruned too (``clean`` then has no clean source and runs
+            plain pruning in its denoising steps).
+
+    To tinker with:
+        rope_frames: time positions used before the RoPE shift starts; None = the model's
+            ``rope_max_seq_len``. Self-Forcing was trained on 21 latent frames.
+        plan_context: the planner sees at most this many latent frames ending at the new
+            chunk (bounds memory and planning time); None = every frame so far.
+        seed: the runner's private noise generator (your global RNG is untouched).
+    """
+
+    chunk: int = attrs.field(default=3, validator=_positive)
+    timesteps: tuple[float, ...] = attrs.field(
+        default=(400.0, 300.0, 200.0, 100.0), converter=lambda v: tuple(float(t) for t in v)
+    )
+    shift: float = attrs.field(default=5.0, converter=float)
+    sink: int = attrs.field(default=1, validator=_non_negative_or_none)
+    window: int | None = attrs.field(default=6, validator=_non_negative_or_none)
+    recovery: str = "clean"
+    first_chunk: str = "full"
+    rope_frames: int | None = attrs.field(default=None, validator=_non_negative_or_none)
+    plan_context: int | None = attrs.field(default=21, validator=_non_negative_or_none)
+    seed: int = 0
+
+    def __attrs_post_init__(self):
+        ts = self.timesteps
+        if not ts or any(not (0.0 < t <= 1000.0) for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"StreamConfig.timesteps={ts}: use strictly decreasing values in (0, 1000]")
+        if not (self.shift > 0 and math.isfinite(self.shift)):
+            raise ValueError(f"StreamConfig.shift={self.shift}: use a finite value > 0 (1 = no shift)")
+        if self.recovery not in RECOVERY_MODES:
+            raise ValueError(f"StreamConfig.recovery={self.recovery!r}: use one of {', '.join(RECOVERY_MODES)}")
+        if self.first_chunk not in FIRST_CHUNK_MODES:
+            raise ValueError(f"StreamConfig.first_chunk={self.first_chunk!r}: use one of {', '.join(FIRST_CHUNK_MODES)}")
+        if self.plan_context is not None and self.plan_context < self.chunk:
+            raise ValueError(f"StreamConfig.plan_context={self.plan_context} is shorter than chunk={self.chunk}")
+
+    @classmethod
+    def editing(cls, **changes) -> StreamConfig:
+        """SDEdit video-to-video (LIPAR): start at t = 400, 4 steps, shift 5."""
+        return cls(**changes)
+
+    @classmethod
+    def generation(cls, **changes) -> StreamConfig:
+        """Self-Forcing text-to-video: 1000/750/500/250, shift 5 (push zeros as the source)."""
+        return cls(**{"timesteps": (1000.0, 750.0, 500.0, 250.0), **changes})
+
+    @property
+    def sigmas(self) -> tuple[float, ...]:
+        return tuple(flow_sigma(t, self.shift) for t in self.timesteps)
+
+
+@attrs.frozen
+class Chunk:
+    """One finished chunk: its denoised latents (x0) and what it cost."""
+
+    index: int
+    start: int  # first latent frame of the stream in this chunk
+    latents: torch.Tensor  # (B, C, S, H, W) float32 (float64 for a float64 model)
+    seconds: float  # wall time from chunk start to its clean pass done (synchronized)
+    kept: int  # computed tokens
+    tokens: int
+    source: torch.Tensor  # (S*h*w,) stream token id each token took its output from
+    pixels: object = None  # decode(latents) when run() was given a decode hook
+
+    @property
+    def frames(self) -> range:
+        return range(self.start, self.start + self.latents.shape[2])
+
+    @property
+    def kept_ratio(self) -> float:
+        return self.kept / self.tokens
+
+
+# -- cache ----------------------------------------------------------------------------------
+@attrs.define(eq=False)
+class _Frame:
+    index: int  # stream frame
+    row_of: torch.Tensor  # (tpf,) cache row of each place, -1 where the frame has no key
+    start: int  # first row
+    count: int  # rows
+    pos: int  # current RoPE time position
+
+
+class _Cache:
+    """Per-block K (rotated) and V rows of the cached frames, frames contiguous and in order,
+    with room for one chunk after them (the tail, written by every forward)."""
+
+    def __init__(self, blocks: int, shape: tuple[int, int, int, int], dtype, device, growable: bool):
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(blocks)]  # (B, rows, H, D)
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(blocks)]
+        self.used = 0
+        self.frames: list[_Frame] = []
+        self.growable = growable
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1]
+
+    def reserve(self, rows: int):
+        if self.used + rows <= self.capacity:
+            return
+        if not self.growable:
+            raise RuntimeError(f"KV cache overflow: {self.used} + {rows} rows > {self.capacity} (bug: report it)")
+        size = max(2 * self.capacity, self.used + rows)
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros(old.shape[0], size, *old.shape[2:])
+                new[:, : self.used] = old[:, : self.used]
+                buffers[i] = new
+
+    def lookup(self, ids: torch.Tensor, tpf: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache row (-1 if absent) and time position of stream token ids."""
+        rows, pos = torch.full_like(ids, -1), torch.zeros_like(ids)
+        frame, place = ids // tpf, ids % tpf
+        for fr in self.frames:
+            hit = frame == fr.index
+            rows = torch.where(hit, fr.row_of[place], rows)
+            pos = torch.where(hit, fr.pos, pos)
+        return rows, pos
+
+    def evict(self, sink: int, window: int | None):
+        """Drop the oldest non-sink frames until at most ``window`` remain."""
+        if window is None:
+            return
+        recent = [fr for fr in self.frames if fr.index >= sink]
+        drop = recent[: max(0, len(recent) - window)]
+        if not drop:
+            return
+        lo, hi = drop[0].start, drop[-1].start + drop[-1].count
+        moved = self.used - hi
+        for buffers in (self.k, self.v):
+            for buf in buffers:
+                buf[:, lo : lo + moved] = buf[:, hi : self.used].clone()
+        gone = {fr.index for fr in drop}
+        self.frames = [fr for fr in self.frames if fr.index not in gone]
+        for fr in self.frames:
+            if fr.start >= hi:
+                fr.start -= hi - lo
+                fr.row_of = torch.where(fr.row_of >= 0, fr.row_of - (hi - lo), fr.row_of)
+        self.used -= hi - lo
+
+
+# -- per-chunk indices ------------------------------------------------------------------------
+@attrs.define(eq=False)
+class _Dups:
+    """Reused tokens re-inserted as keys in one pass: from this pass (local) or the cache."""
+
+    local_ids: torch.Tensor  # (Sl,) chunk-local ids of reused tokens copying a kept token of this pass
+    local_src: torch.Tensor  # (Sl,) kept row of their reference
+    local_rope: tuple  # (cos, sin) (1, Sl, 1, D) at their own positions
+    cache_ids: torch.Tensor  # (Sc,) chunk-local ids of reused tokens copying a cached key
+    cache_rows: torch.Tensor  # (Sc,) cache row
+    cache_rope: tuple  # (cos, sin) (1, Sc, 1, D): rotation from the row's position to their own
+
+    @property
+    def count(self) -> int:
+        return int(self.local_ids.numel() + self.cache_ids.numel())
+
+
+@attrs.define(eq=False)
+class _Pass:
+    """What one forward over the chunk needs (denoising steps share one, the clean pass another)."""
+
+    write: torch.Tensor  # (n,) cache rows the [kept; local dups; cache dups] K/V go to
+    keys: int  # attention sees cache rows [0, keys)
+    dups: _Dups | None
+    log_mult: torch.Tensor | None  # (keys,) proportional recovery
+
+
+@attrs.define(eq=False)
+class _ChunkIndex:
+    keep: torch.Tensor  # (Sk,) chunk-local ids of computed tokens
+    identity: bool
+    rope: tuple  # (cos, sin) (1, Sk, 1, D) of the kept tokens
+    source: torch.Tensor  # (N,) stream token id of each token's reference (itself if kept)
+    denoise: _Pass
+    clean: _Pass
+
+
+# -- the runner -------------------------------------------------------------------------------
+class StreamRunner:
+    """Chunk-causal streaming denoiser over a diffusers ``WanTransformer3DModel``.
+
+    >>> runner = StreamRunner(model, prompt_embeds, StreamConfig.editing(), planner="lipar")  # doctest: +SKIP
+    >>> for chunk in runner.run(latent_frames):     # any iterator of (B, C, f, H, W) pieces  # doctest: +SKIP
+    ...     show(chunk.latents, chunk.seconds)
+
+    Important:
+        model: Wan 2.1-style transformer (Self-Forcing / CausVid weights: see
+            :func:`lipcodec.checkpoints.load_wan_checkpoint`).
+        prompt_embeds: text embeddings (B, L, text_dim); change them with :meth:`set_prompt`.
+        config: :class:`StreamConfig`.
+        planner: a planner name or object (``intra`` = no pruning); planned chunk by chunk on
+            the source latents seen so far, so it may only reference the past.
+        gop, plan_kwargs: passed to :func:`lipcodec.plan` (``target_kept=``, ``tau1=``...).
+            B-frames are refused: they reference frames that have not arrived.
+    """
+
+    def __init__(self, model, prompt_embeds: torch.Tensor, config: StreamConfig | None = None, *,
+                 planner="intra", gop: GOP | str | None = None, **plan_kwargs):
+        self.model = model
+        self.config = config or StreamConfig()
+        cfg = model.config
+        if tuple(cfg.patch_size)[0] != 1:
+            raise ValueError(f"patch_size {tuple(cfg.patch_size)}: the streaming runner needs a temporal patch of 1")
+        if model.blocks[0].attn2.add_k_proj is not None:
+            raise ValueError("image-conditioned Wan (I2V, added K/V projections) is not supported by the streaming runner")
+        self.patch = tuple(int(p) for p in cfg.patch_size)
+        self.rope_frames = self.config.rope_frames or int(cfg.rope_max_seq_len)
+        if self.rope_frames > cfg.rope_max_seq_len:
+            raise ValueError(
+                f"rope_frames={self.rope_frames} exceeds the model's RoPE table ({cfg.rope_max_seq_len} positions)"
+            )
+        c = self.config
+        if c.window is not None and c.sink + c.window + c.chunk > self.rope_frames:
+            raise ValueError(
+                f"sink + window + chunk = {c.sink + c.window + c.chunk} frames do not fit in rope_frames="
+                f"{self.rope_frames} positions: shrink the window or raise rope_frames"
+            )
+        if isinstance(gop, str):
+            gop = GOP.from_x264_params(gop)
+        if gop is not None and gop.bframes:
+            raise ValueError(
+                f"GOP bframes={gop.bframes}: streaming is causal and B-frames reference frames that have not "
+                "arrived yet; use bframes=0 (P-frames only)"
+            )
+        self.planner, self.gop, self.plan_kwargs = planner, gop, plan_kwargs
+        rope = model.rope
+        self._tables = (
+            rope.freqs_cos.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1),
+            rope.freqs_sin.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1),
+        )  # per axis (positions, axis_dim)
+        self.set_prompt(prompt_embeds)
+        self.reset()
+
+    # -- public ------------------------------------------------------------------------------
+    def reset(self):
+        """Forget the stream (cache, history, pending frames); the prompt stays."""
+        self._pending: torch.Tensor | None = None  # (B, C, f, H, W) frames not yet in a chunk
+        self._shape: tuple | None = None  # (B, C, H, W)
+        self._cache: _Cache | None = None
+        self._frames = 0  # frames processed
+        self._chunks = 0
+        self._offset = 0  # RoPE time shift
+        self._src_hist: torch.Tensor | None = None  # (B, C, f, H, W) source latents for planning
+        self._out_hist: torch.Tensor | None = None  # (B, f*tpf, P) restored output tokens
+        self._hist_start = 0  # first frame in both histories
+        self._sources: dict[int, torch.Tensor] = {}  # frame -> (tpf,) stream token id each token copies
+        self._gen = None
+
+    @torch.no_grad()
+    def set_prompt(self, prompt_embeds: torch.Tensor):
+        """Project the text once and cache every block's cross-attention K/V."""
+        model = self.model
+        dtype = next(model.parameters()).dtype
+        text = prompt_embeds.to(model.device, dtype)
+        self._text_raw = text
+        projected = model.condition_embedder.text_embedder(text)  # (B, L, D)
+        self._text_kv = []
+        for block in model.blocks:
+            attn = block.attn2
+            if getattr(attn, "fused_projections", False):
+                key, value = attn.to_kv(projected).chunk(2, dim=-1)
+            else:
+                key, value = attn.to_k(projected), attn.to_v(projected)
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))  # (B, L, H, D)
+            self._text_kv.append((key, value.unflatten(2, (attn.heads, -1))))
+
+    @torch.no_grad()
+    def push(self, latents: torch.Tensor) -> list[Chunk]:
+        """Add source latent frames (B, C, f, H, W) or (C, f, H, W); returns the chunks they finish."""
+        latents = self._check(latents)
+        self._pending = latents if self._pending is None else torch.cat([self._pending, latents], 2)
+        done = []
+        while self._pending.shape[2] >= self.config.chunk:
+            piece, self._pending = self._pending[:, :, : self.config.chunk], self._pending[:, :, self.config.chunk :]
+            done.append(self._chunk(piece))
+        return done
+
+    @torch.no_grad()
+    def flush(self) -> list[Chunk]:
+        """Process the frames left over (fewer than a chunk) as one short last chunk."""
+        if self._pending is None or self._pending.shape[2] == 0:
+            return []
+        piece, self._pending = self._pending, self._pending[:, :, :0]
+        return [self._chunk(piece)]
+
+    def run(self, frames: Iterable, *, encode: Callable | None = None, decode: Callable | None = None) -> Iterator[Chunk]:
+        """Stream ``frames`` (any iterator; each item latents (B, C, f, H, W), or pixels that
+        ``encode`` turns into them) and yield each chunk as soon as it is done (``decode`` fills
+        ``Chunk.pixels``). The leftover frames are flushed at the end."""
+        for item in frames:
+            for chunk in self.push(encode(item) if encode is not None else item):
+                yield _decoded(chunk, decode)
+        for chunk in self.flush():
+            yield _decoded(chunk, decode)
+
+    @property
+    def cached_frames(self) -> list[int]:
+        """Stream frames whose K/V the cache holds now (sink first)."""
+        return [] if self._cache is None else [fr.index for fr in self._cache.frames]
+
+    def cache_kv(self, block: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """The committed K (rotated, at current positions) and V rows of one block,
+        (B, rows, H, D) each, and (frame, rows) per cached frame in row order."""
+        cache = self._cache
+        if cache is None:
+            raise RuntimeError("nothing is cached yet: push latents first")
+        frames = [(fr.index, fr.count) for fr in cache.frames]
+        return cache.k[block][:, : cache.used], cache.v[block][:, : cache.used], frames
+
+    # -- checks and state --------------------------------------------------------------------
+    def _check(self, latents) -> torch.Tensor:
+        latents = torch.as_tensor(latents)
+        if latents.ndim == 4:
+            latents = latents[None]
+        if latents.ndim != 5:
+            raise ValueError(f"latents must be (B, C, f, H, W) or (C, f, H, W), got shape {tuple(latents.shape)}")
+        b, c, f, h, w = latents.shape
+        if c != self.model.config.in_channels:
+            raise ValueError(f"latents have {c} channels but the model takes {self.model.config.in_channels}")
+        if h % self.patch[1] or w % self.patch[2]:
+            raise ValueError(f"latent size {h}x{w} is not divisible by the patch {self.patch[1:]}: crop or pad it")
+        if self._shape is not None and (b, c, h, w) != self._shape:
+            raise ValueError(f"latents (B, C, H, W) = {(b, c, h, w)} differ from the stream's {self._shape}")
+        if self._text_raw.shape[0] not in (1, b):
+            raise ValueError(f"prompt_embeds batch {self._text_raw.shape[0]} does not match latents batch {b}")
+        if self._shape is None:
+            self._start(b, c, h, w)
+        return latents.to(self.model.device, self._sampler_dtype)
+
+    def _start(self, b, c, h, w):
+        cfg, conf = self.model.config, self.config
+        self._shape = (b, c, h, w)
+        self._hw = (h // self.patch[1], w // self.patch[2])
+        self.tpf = self._hw[0] * self._hw[1]
+        frames = conf.sink + (conf.window if conf.window is not None else 3 * conf.chunk) + conf.chunk
+        shape = (b, frames * self.tpf, cfg.num_attention_heads, cfg.attention_head_dim)
+        dtype = next(self.model.parameters()).dtype
+        self._cache = _Cache(len(self.model.blocks), shape, dtype, self.model.device, conf.window is None)
+        self._gen = torch.Generator(self.model.device).manual_seed(conf.seed)
+
+    @property
+    def _sampler_dtype(self):
+        """The sampler (x_t, x0, noise) runs in float32, or float64 for a float64 model."""
+        return torch.float64 if next(self.model.parameters()).dtype == torch.float64 else torch.float32
+
+    def _noise(self, shape) -> torch.Tensor:
+        noise = torch.randn(shape, generator=self._gen, device=self.model.device, dtype=torch.float32)
+        return noise.to(self._sampler_dtype)
+
+    # -- one chunk -----------------------------------------------------------------------------
+    def _chunk(self, source: torch.Tensor) -> Chunk:
+        """Denoise one chunk of source latents (B, C, S, H, W), write its clean K/V, return it."""
+        start_time = time.perf_counter()
+        conf = self.config
+        b, c, s, h, w = source.shape
+        a = self._frames
+        self._remember_source(source)
+        self._shift_positions(a + s)
+        src = self._plan_rows(a, s)  # (N,) stream token ids
+        idx = self._index(a, s, src)
+        n = s * self.tpf
+        sigmas = conf.sigmas
+
+        x = (1.0 - sigmas[0]) * source + sigmas[0] * self._noise(source.shape)  # (B, C, S, H, W)
+        for i, sigma in enumerate(sigmas):
+            x0 = self._denoise(x, sigma, idx, a)  # (B, C, S, H, W)
+            if i + 1 < len(sigmas):
+                x = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(x0.shape)
+        self._forward(x0, 0.0, idx, idx.clean)  # clean pass: writes the chunk's K/V
+        self._commit(a, s, idx)
+        self._remember_output(x0, src, a, s)
+        if x0.device.type == "cuda":
+            torch.cuda.synchronize(x0.device)
+        self._frames += s
+        self._chunks += 1
+        chunk = Chunk(self._chunks - 1, a, x0, time.perf_counter() - start_time, int(idx.keep.numel()), n, src.cpu())
+        return chunk
+
+    def _denoise(self, x, sigma, idx: _ChunkIndex, a: int) -> torch.Tensor:
+        """One step: x0 = x - sigma v on kept tokens, reused tokens restored from their reference."""
+        v = self._forward(x, sigma, idx, idx.denoise)  # (B, Sk, P)
+        x_tok = self._patchify(x)  # (B, N, P)
+        if idx.identity:
+            return self._unpatchify(x_tok - sigma * v.to(x.dtype), x.shape[2])
+        x0 = x_tok.clone()
+        x0[:, idx.keep] = x_tok[:, idx.keep] - sigma * v.to(x.dtype)
+        return self._unpatchify(self._restore(x0, idx, a), x.shape[2])
+
+    def _restore(self, x0: torch.Tensor, idx: _ChunkIndex, a: int) -> torch.Tensor:
+        """Reused tokens take their reference's x0: this chunk's, or the restored output history."""
+        base = a * self.tpf
+        local = idx.source - base  # (N,)
+        inside = local >= 0
+        out = x0.clone()
+        out[:, inside] = x0[:, local[inside]]
+        if (~inside).any():
+            hist = idx.source[~inside] - self._hist_start * self.tpf
+            out[:, ~inside] = self._out_hist[:, hist]
+        return out
+
+    # -- the block-causal forward --------------------------------------------------------------
+    def _forward(self, x: torch.Tensor, sigma: float, idx: _ChunkIndex, step: _Pass) -> torch.Tensor:
+        """Wan's forward on the chunk's kept tokens with the cache as extra keys: (B, Sk, P)."""
+        model = self.model
+        dtype = self._text_raw.dtype
+        hidden = model.patch_embedding(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
+        if not idx.identity:
+            hidden = hidden[:, idx.keep]  # (B, Sk, D)
+        temb, proj = self._time(sigma, x.shape[0])  # (B, D), (B, 6, D)
+        for i, block in enumerate(model.blocks):
+            hidden = self._block(i, block, hidden, proj, idx, step)
+        shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)  # (B, 1, D) each
+        hidden = (model.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        return model.proj_out(hidden)  # (B, Sk, pt*ph*pw*C)
+
+    def _time(self, sigma: float, batch: int):
+        """condition_embedder's time branch, op for op (text is projected once per prompt)."""
+        embed = self.model.condition_embedder
+        t = torch.full((batch,), 1000.0 * sigma, device=self.model.device)  # (B,)
+        ts = embed.timesteps_proj(t)
+        time_dtype = next(iter(embed.time_embedder.parameters())).dtype
+        if ts.dtype != time_dtype:
+            ts = ts.to(time_dtype)
+        temb = embed.time_embedder(ts).type_as(self._text_raw)  # (B, D)
+        return temb, embed.time_proj(embed.act_fn(temb)).unflatten(1, (6, -1))  # (B, 6, D)
+
+    def _block(self, i, block, hidden, proj, idx, step):
+        """WanTransformerBlock.forward with block-causal self-attention."""
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (block.scale_shift_table + proj.float()).chunk(6, dim=1)
+        norm = (block.norm1(hidden.float()) * (1 + scale_msa) + shift_msa).type_as(hidden)
+        attn = self._self_attention(i, block.attn1, norm, idx, step)
+        hidden = (hidden.float() + attn * gate_msa).type_as(hidden)
+        norm = block.norm2(hidden.float()).type_as(hidden)
+        hidden = hidden + self._cross_attention(i, block.attn2, norm)
+        norm = (block.norm3(hidden.float()) * (1 + c_scale) + c_shift).type_as(hidden)
+        return (hidden.float() + block.ffn(norm).float() * c_gate).type_as(hidden)
+
+    def _self_attention(self, i, attn, x, idx: _ChunkIndex, step: _Pass):
+        query, key, value = _get_qkv_projections(attn, x, None)  # (B, Sk, H*D) each
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))  # (B, Sk, H, D)
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        key_raw = key  # un-rotated: what in-chunk duplicates copy
+        query, key = rotate(query, *idx.rope), rotate(key, *idx.rope)
+        cache_k, cache_v = self._cache.k[i], self._cache.v[i]
+        keys, values = [key], [value]
+        dups = step.dups
+        if dups is not None and dups.local_ids.numel():
+            keys.append(rotate(key_raw[:, dups.local_src], *dups.local_rope))  # (B, Sl, H, D) at their positions
+            values.append(value[:, dups.local_src])
+        if dups is not None and dups.cache_ids.numel():
+            keys.append(rotate(cache_k[:, dups.cache_rows], *dups.cache_rope))  # (B, Sc, H, D) re-rotated
+            values.append(cache_v[:, dups.cache_rows])
+        cache_k[:, step.write] = torch.cat(keys, 1) if len(keys) > 1 else key  # the chunk's rows
+        cache_v[:, step.write] = torch.cat(values, 1) if len(values) > 1 else value
+        k, v = cache_k[:, : step.keys], cache_v[:, : step.keys]  # (B, Nk, H, D): [cache; chunk]
+        if step.log_mult is not None:
+            head_dim = query.shape[-1]
+            q, k, v, scale = fold_log_multiplicity(query, k, v, step.log_mult)
+            out = _sdpa(q, k, v, scale)[..., :head_dim]
+        else:
+            out = _sdpa(query, k, v)
+        out = out.flatten(2, 3).type_as(query)  # (B, Sk, H*D)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _cross_attention(self, i, attn, x):
+        query = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, Sk, H, D)
+        key, value = self._text_kv[i]
+        if key.shape[0] != query.shape[0]:
+            key, value = key.expand(query.shape[0], -1, -1, -1), value.expand(query.shape[0], -1, -1, -1)
+        out = _sdpa(query, key, value).flatten(2, 3).type_as(query)  # (B, Sk, H*D)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    # -- positions -----------------------------------------------------------------------------
+    def _rope(self, t_pos, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) (1, n, 1, D) for tokens at time positions t_pos, rows, cols (each (n,))."""
+        (ct, ch, cw), (st, sh, sw) = self._tables
+        cos = torch.cat([ct[t_pos], ch[rows], cw[cols]], -1)[None, :, None]
+        sin = torch.cat([st[t_pos], sh[rows], sw[cols]], -1)[None, :, None]
+        return cos, sin
+
+    def _rope_of(self, ids: torch.Tensor, t_pos: torch.Tensor):
+        place = ids % self.tpf
+        return self._rope(t_pos, place // self._hw[1], place % self._hw[1])
+
+    def _time_pos(self, frames: torch.Tensor) -> torch.Tensor:
+        """RoPE time position of stream frames now: sinks keep theirs, others shift back."""
+        return torch.where(frames < self.config.sink, frames, frames - self._offset)
+
+    def _shift_positions(self, end: int):
+        """Keep the newest chunk inside the RoPE table: shift every non-sink frame back."""
+        offset = max(0, end - self.rope_frames)
+        delta = offset - self._offset
+        if delta <= 0:
+            return
+        if self.config.window is None:
+            raise ValueError(
+                f"the stream reached frame {end - 1} but window=None keeps every frame and RoPE has "
+                f"{self.rope_frames} positions: set StreamConfig.window to bound the cache"
+            )
+        cache = self._cache
+        moved = [fr for fr in cache.frames if fr.index >= self.config.sink]
+        if moved:
+            lo = moved[0].start
+            (ct, ch, cw), (st, sh, sw) = self._tables
+            cos = torch.cat([ct[delta], torch.ones_like(ch[0]), torch.ones_like(cw[0])])[None, None, None]  # (1,1,1,D)
+            sin = torch.cat([st[delta], torch.zeros_like(sh[0]), torch.zeros_like(sw[0])])[None, None, None]
+            for buf in cache.k:
+                buf[:, lo : cache.used] = rotate(buf[:, lo : cache.used], cos, -sin)  # back by delta frames
+            for fr in moved:
+                fr.pos -= delta
+        self._offset = offset
+
+    # -- planning ------------------------------------------------------------------------------
+    def _remember_source(self, source):
+        if self._intra:
+            return
+        hist = source if self._src_hist is None else torch.cat([self._src_hist, source], 2)
+        self._src_hist = hist
+
+    @property
+    def _intra(self) -> bool:
+        return isinstance(self.planner, str) and self.planner == "intra"
+
+    def _plan_rows(self, a: int, s: int) -> torch.Tensor:
+        """Stream token ids the chunk's tokens take their output from (itself = computed)."""
+        n = s * self.tpf
+        ids = torch.arange(a * self.tpf, (a + s) * self.tpf, device=self.model.device)
+        if self._intra or (a == 0 and self.config.first_chunk == "full"):
+            return ids
+        context = self._src_hist  # frames [hist_start, a + s)
+        plan = make_plan(context, self.planner, gop=self.gop, patch_size=self.patch, **self.plan_kwargs)
+        base = self._hist_start * self.tpf
+        src = plan.source[-n:].to(ids.device) + base  # (N,)
+        ahead = src // self.tpf > ids // self.tpf
+        if ahead.any():
+            i = int(ahead.nonzero()[0, 0])
+            raise ValueError(
+                f"planner {self.planner!r} made token {int(ids[i])} (frame {int(ids[i]) // self.tpf}) reuse token "
+                f"{int(src[i])} of a later frame: streaming plans may only reference the past (no B-frames)"
+            )
+        return src
+
+    def _remember_output(self, x0, src, a, s):
+        if self._intra:
+            return
+        tokens = self._patchify(x0)  # (B, N, P)
+        self._out_hist = tokens if self._out_hist is None else torch.cat([self._out_hist, tokens], 1)
+        for f in range(s):
+            self._sources[a + f] = src[f * self.tpf : (f + 1) * self.tpf]
+        ctx = self.config.plan_context
+        if ctx is not None:  # keep the frames the next chunk's plan context can reach
+            first = max(0, a + s + self.config.chunk - ctx)
+            if first > self._hist_start:
+                cut = first - self._hist_start
+                self._src_hist = self._src_hist[:, :, cut:]
+                self._out_hist = self._out_hist[:, cut * self.tpf :]
+                self._hist_start = first
+        keep = {fr.index for fr in self._cache.frames} | set(range(self._hist_start, a + s))
+        self._sources = {f: v for f, v in self._sources.items() if f in keep}
+
+    # -- indices for one chunk -----------------------------------------------------------------
+    def _index(self, a: int, s: int, src: torch.Tensor) -> _ChunkIndex:
+        device, tpf, mode = self.model.device, self.tpf, self.config.recovery
+        n = s * tpf
+        ids = torch.arange(a * tpf, a * tpf + n, device=device)  # (N,) stream token ids
+        computed = src == ids
+        keep = computed.nonzero().flatten()  # (Sk,) chunk-local
+        identity = bool(computed.all())
+        t_pos = self._time_pos(ids // tpf)
+        rope = self._rope_of(ids[keep], t_pos[keep])
+        cache = self._cache
+        cache.reserve(n)
+        used, sk = cache.used, int(keep.numel())
+        passes = {}
+        for phase in ("denoise", "clean"):
+            dups = None if identity or mode in ("none", "proportional") else self._dups(a, s, src, keep, phase)
+            d = 0 if dups is None else dups.count
+            if phase == "clean" and mode in ("duplicate", "clean") and not identity:
+                if sk + d != n:
+                    raise RuntimeError(f"clean pass covers {sk + d} of {n} tokens (bug: report it)")
+                write = used + torch.cat([keep, dups.local_ids, dups.cache_ids])  # sorted frame rows
+            else:
+                write = used + torch.arange(sk + d, device=device)
+            log_mult = self._log_mult(a, s, src, keep) if mode == "proportional" and not identity else None
+            passes[phase] = _Pass(write, used + sk + d, dups, log_mult)
+        return _ChunkIndex(keep, identity, rope, src, passes["denoise"], passes["clean"])
+
+    def _dups(self, a, s, src, keep, phase) -> _Dups:
+        """Reused tokens and where their K/V come from in this pass (module docstring)."""
+        device, tpf = self.model.device, self.tpf
+        n = s * tpf
+        ids = torch.arange(a * tpf, a * tpf + n, device=device)
+        local = (src != ids).nonzero().flatten()  # (R,) reused, chunk-local
+        ref = src[local]  # (R,) stream ids of their references
+        in_chunk = ref >= a * tpf
+        noisy_ok = phase == "clean" or self.config.recovery == "duplicate"
+        use_local = in_chunk if noisy_ok else torch.zeros_like(in_chunk)
+        # cached source: the reference itself, else its place in the latest cached frame
+        rows, pos = self._cache.lookup(ref, tpf)
+        rows = torch.where(in_chunk, -1, rows)
+        if self._cache.frames:
+            last = self._cache.frames[-1]
+            fallback = last.index * tpf + ref % tpf
+            origin = self._sources.get(last.index)  # prefer the token that place copies (one hop)
+            if origin is not None:
+                hop_rows, hop_pos = self._cache.lookup(origin[ref % tpf], tpf)
+                fallback = torch.where(hop_rows >= 0, origin[ref % tpf], fallback)
+            fb_rows, fb_pos = self._cache.lookup(fallback, tpf)
+            missing = rows < 0
+            rows, pos = torch.where(missing, fb_rows, rows), torch.where(missing, fb_pos, pos)
+        use_cache = ~use_local & (rows >= 0)
+        local_ids, cache_ids = local[use_local], local[use_cache]
+        own_pos = self._time_pos(ids // tpf)
+        slot = torch.searchsorted(keep, ref[use_local] - a * tpf)  # kept row of the reference
+        # cached keys are rotated at (pos, place of the row's token); rotate by own - theirs
+        cos_i, sin_i = self._rope_of(ids[cache_ids], own_pos[cache_ids])
+        row_ids = self._row_ids(rows[use_cache])
+        cos_s, sin_s = self._rope_of(row_ids, pos[use_cache])
+        cache_rope = (cos_i * cos_s + sin_i * sin_s, sin_i * cos_s - cos_i * sin_s)
+        return _Dups(
+            local_ids, slot, self._rope_of(ids[local_ids], own_pos[local_ids]),
+            cache_ids, rows[use_cache], cache_rope,
+        )
+
+    def _row_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stream token id held by each cache row."""
+        out = torch.full_like(rows, -1)
+        for fr in self._cache.frames:
+            present = (fr.row_of >= 0).nonzero().flatten()  # places, in row order
+            hit = (rows >= fr.start) & (rows < fr.start + fr.count)
+            out = torch.where(hit, fr.index * self.tpf + present[(rows - fr.start).clamp(0, fr.count - 1)], out)
+        return out
+
+    def _log_mult(self, a, s, src, keep) -> torch.Tensor:
+        """log c_j per key row: 1 + reused tokens in the cached frames and the chunk that copy it."""
+        device, tpf, cache = self.model.device, self.tpf, self._cache
+        n = s * tpf
+        ids = torch.arange(a * tpf, a * tpf + n, device=device)
+        refs = [src[src != ids]]
+        for fr in cache.frames:
+            origin = self._sources.get(fr.index)
+            if origin is not None:
+                own = torch.arange(fr.index * tpf, (fr.index + 1) * tpf, device=device)
+                refs.append(origin[origin != own])
+        ref = torch.cat(refs)
+        rows, _ = cache.lookup(ref, tpf)
+        in_chunk = ref >= a * tpf
+        rows = torch.where(in_chunk, cache.used + torch.searchsorted(keep, (ref - a * tpf).clamp(min=0)), rows)
+        keys = cache.used + int(keep.numel())
+        count = torch.bincount(rows[rows >= 0], minlength=keys)[:keys]
+        return (1 + count).float().log()
+
+    def _commit(self, a: int, s: int, idx: _ChunkIndex):
+        """Register the chunk's frames (K/V already written by the clean pass), then trim."""
+        cache, tpf, device = self._cache, self.tpf, self.model.device
+        complete = idx.identity or self.config.recovery in ("duplicate", "clean")
+        row = cache.used
+        for f in range(s):
+            if complete:
+                places = torch.arange(tpf, device=device)
+            else:
+                places = idx.keep[(idx.keep >= f * tpf) & (idx.keep < (f + 1) * tpf)] - f * tpf
+            row_of = torch.full((tpf,), -1, dtype=torch.long, device=device)
+            row_of[places] = row + torch.arange(places.numel(), device=device)
+            cache.frames.append(_Frame(a + f, row_of, row, int(places.numel()), int(self._time_pos(torch.tensor(a + f)))))
+            row += int(places.numel())
+        cache.used = row
+        cache.evict(self.config.sink, self.config.window)
+
+    # -- layout --------------------------------------------------------------------------------
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        _, ph, pw = self.patch
+        return rearrange(x, "b c f (h ph) (w pw) -> b (f h w) (ph pw c)", ph=ph, pw=pw)  # (B, N, P)
+
+    def _unpatchify(self, tokens: torch.Tensor, frames: int) -> torch.Tensor:
+        _, ph, pw = self.patch
+        h, w = self._hw
+        return rearrange(tokens, "b (f h w) (ph pw c) -> b c f (h ph) (w pw)", f=frames, h=h, w=w, ph=ph, pw=pw)
+
+
+def _sdpa(q, k, v, scale=None) -> torch.Tensor:
+    """SDPA on (B, S, H, D) tensors, as diffusers' native attention backend calls it."""
+    out = F.scaled_dot_product_attention(q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), scale=scale)
+    return out.permute(0, 2, 1, 3)  # (B, Sq, H, D)
+
+
+def _decoded(chunk: Chunk, decode):
+    return chunk if decode is None else attrs.evolve(chunk, pixels=decode(chunk.latents))
+
+
+__all__ = ["Chunk", "FIRST_CHUNK_MODES", "StreamConfig", "StreamRunner", "flow_sigma"]

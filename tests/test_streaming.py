@@ -1,0 +1,467 @@
+"""The streaming (chunk-causal, KV-cached) runner on diffusers' tiny Wan config (CPU).
+
+Two references, both built on diffusers' own ``WanTransformer3DModel.forward``:
+
+- ``reference_stream``: chunk-causal denoising written the straightforward way - a
+  per-block list of each frame's *un-rotated* K/V, rotated to the current positions at
+  every use and concatenated before the chunk's own keys. Same float ops as the runner, so
+  with the intra plan and no RoPE shift the runner equals it **bit for bit** (window
+  larger than the video, or the same trimming on both sides).
+- ``masked_reference``: no cache at all; every step runs the whole sequence seen so far
+  (clean outputs of earlier chunks at t = 0, the noisy chunk at t) with per-token
+  timesteps and an explicit block-causal boolean mask. Different reduction lengths, so
+  it matches to float tolerance (float64 here: 1e-9).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+from lipcodec import Grid, Plan, Schedule
+from lipcodec.attention import rotate
+from lipcodec.streaming import Chunk, StreamConfig, StreamRunner, flow_sigma
+
+TINY = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16,
+    freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+)
+TPF = 16  # tokens per latent frame of 8x8 latents
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: thread start-up costs more than the math (10-40x on a loaded 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def model64(model):
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def video(frames=7, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 4, frames, 8, 8, generator=g, dtype=dtype), torch.randn(1, 12, 16, generator=g, dtype=dtype)
+
+
+def stream(model, x, text, config, **kwargs) -> list[Chunk]:
+    runner = StreamRunner(model, text, config, **kwargs)
+    return runner.push(x) + runner.flush()
+
+
+def cat(chunks):
+    return torch.cat([c.latents for c in chunks], 2)
+
+
+# -- reference 1: a list of per-frame raw K/V, rotated at each use ----------------------------
+class _RefState:
+    def __init__(self, model, sink, window, rope_frames):
+        self.model, self.sink, self.window, self.rope_frames = model, sink, window, rope_frames
+        self.frames: list[list[tuple]] = [[] for _ in model.blocks]  # per block: (frame, k_raw, v)
+        self.start = self.count = self.offset = 0
+        self.write = False
+
+    def pos(self, frame):
+        return frame if frame < self.sink else frame - self.offset
+
+    def tables(self, frames):
+        """cos/sin (1, n*16, 1, D) for whole frames at their current positions."""
+        rope = self.model.rope
+        split = [rope.t_dim, rope.h_dim, rope.w_dim]
+        out = []
+        for table in (rope.freqs_cos, rope.freqs_sin):
+            t, h, w = table.split(split, dim=1)
+            pos = torch.tensor([self.pos(f) for f in frames])
+            f_, r, c = torch.meshgrid(pos, torch.arange(4), torch.arange(4), indexing="ij")
+            out.append(torch.cat([t[f_.flatten()], h[r.flatten()], w[c.flatten()]], -1)[None, :, None])
+        return out
+
+
+class _RefProcessor:
+    def __init__(self, state, block):
+        self.state, self.block = state, block
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        st = self.state
+        q, k, v = _get_qkv_projections(attn, hidden_states, None)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
+        chunk = list(range(st.start, st.start + st.count))
+        cos, sin = st.tables(chunk)
+        q_rot, k_rot = rotate(q, cos, sin), rotate(k, cos, sin)
+        cached = st.frames[self.block]
+        recent = [e for e in cached if e[0] >= st.sink]
+        visible = [e for e in cached if e[0] < st.sink] + (recent if st.window is None else recent[len(recent) - st.window :])
+        keys = [rotate(kr, *st.tables([f])) for f, kr, _ in visible] + [k_rot]
+        values = [val for _, _, val in visible] + [v]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q_rot.permute(0, 2, 1, 3), torch.cat(keys, 1).permute(0, 2, 1, 3), torch.cat(values, 1).permute(0, 2, 1, 3)
+        ).permute(0, 2, 1, 3)
+        if st.write:
+            for i, f in enumerate(chunk):
+                cached.append((f, k[:, i * TPF : (i + 1) * TPF], v[:, i * TPF : (i + 1) * TPF]))
+        out = out.flatten(2, 3).type_as(q_rot)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def reference_stream(model, x, text, config, rope_frames=None):
+    """Chunk-causal Self-Forcing sampling over diffusers' forward; returns (x0 video, state)."""
+    state = _RefState(model, config.sink, config.window, rope_frames or model.config.rope_max_seq_len)
+    originals = {name: m.processor for name, m in model.named_modules() if name.endswith("attn1")}
+    for i, block in enumerate(model.blocks):
+        block.attn1.set_processor(_RefProcessor(state, i))
+    g = torch.Generator().manual_seed(config.seed)
+    sig, out = config.sigmas, []
+    try:
+        with torch.no_grad():
+            for a in range(0, x.shape[2], config.chunk):
+                src = x[:, :, a : a + config.chunk]
+                state.start, state.count = a, src.shape[2]
+                state.offset = max(state.offset, a + src.shape[2] - state.rope_frames)
+                xt = (1.0 - sig[0]) * src + sig[0] * torch.randn(src.shape, generator=g).to(x.dtype)
+                state.write = False
+                for i, sigma in enumerate(sig):
+                    v = model(xt, torch.full((1,), 1000.0 * sigma), text, return_dict=False)[0]
+                    x0 = xt - sigma * v
+                    if i + 1 < len(sig):
+                        xt = (1.0 - sig[i + 1]) * x0 + sig[i + 1] * torch.randn(x0.shape, generator=g).to(x.dtype)
+                state.write = True
+                model(x0, torch.full((1,), 0.0), text, return_dict=False)
+                out.append(x0)
+    finally:
+        for name, m in model.named_modules():
+            if name in originals:
+                m.set_processor(originals[name])
+    return torch.cat(out, 2), state
+
+
+# -- reference 2: the whole sequence with an explicit block-causal mask -----------------------
+class _MaskedProcessor(WanAttnProcessor):
+    mask = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return super().__call__(attn, hidden_states, None, _MaskedProcessor.mask, rotary_emb)
+
+
+def masked_reference(model, x, text, config):
+    originals = {name: m.processor for name, m in model.named_modules() if name.endswith("attn1")}
+    for block in model.blocks:
+        block.attn1.set_processor(_MaskedProcessor())
+    g = torch.Generator().manual_seed(config.seed)
+    sig, done = config.sigmas, []
+    try:
+        with torch.no_grad():
+            for a in range(0, x.shape[2], config.chunk):
+                src = x[:, :, a : a + config.chunk]
+                s = src.shape[2]
+                chunk_of = torch.arange(a + s).div(config.chunk, rounding_mode="floor").repeat_interleave(TPF)
+                _MaskedProcessor.mask = chunk_of[None, :] <= chunk_of[:, None]  # (N, N) block-causal, True = attend
+                xt = (1.0 - sig[0]) * src + sig[0] * torch.randn(src.shape, generator=g).to(x.dtype)
+                for i, sigma in enumerate(sig):
+                    seq = torch.cat(done + [xt], 2)
+                    t = torch.cat([torch.zeros(a * TPF), torch.full((s * TPF,), 1000.0 * sigma)])[None].to(x.dtype)
+                    v = model(seq, t, text, return_dict=False)[0][:, :, a:]
+                    x0 = xt - sigma * v
+                    if i + 1 < len(sig):
+                        xt = (1.0 - sig[i + 1]) * x0 + sig[i + 1] * torch.randn(x0.shape, generator=g).to(x.dtype)
+                done.append(x0)
+    finally:
+        for name, m in model.named_modules():
+            if name in originals:
+                m.set_processor(originals[name])
+    return torch.cat(done, 2)
+
+
+# -- plans --------------------------------------------------------------------------------------
+class SamePlace:
+    """Test planner: in P-frames a seeded random share of tokens reuses the same place one frame back."""
+
+    name = "same-place"
+
+    def __init__(self, share=0.5, seed=0, back=1):
+        self.share, self.seed, self.back = share, seed, back
+
+    def __call__(self, ctx):
+        grid = ctx.grid
+        g = torch.Generator().manual_seed(self.seed + grid.frames)
+        source = torch.arange(grid.size)
+        ids = torch.arange(grid.tokens_per_frame, grid.size)
+        reused = ids[torch.rand(ids.numel(), generator=g) < self.share]
+        source[reused] = reused - self.back * grid.tokens_per_frame
+        return Plan(grid, source, Schedule.parse("I" + "P" * (grid.frames - 1)))
+
+
+class Future:
+    """Test planner that is not causal: the second-last frame (a b-frame) copies the last."""
+
+    name = "future"
+
+    def __call__(self, ctx):
+        grid = ctx.grid
+        source = torch.arange(grid.size)
+        last = (grid.frames - 1) * grid.tokens_per_frame
+        source[last - grid.tokens_per_frame : last] += grid.tokens_per_frame
+        return Plan(grid, source, Schedule.parse("I" + "P" * (grid.frames - 3) + "bP"))
+
+
+# -- config ------------------------------------------------------------------------------------
+def test_config_presets_and_errors():
+    assert StreamConfig.generation().timesteps == (1000.0, 750.0, 500.0, 250.0)
+    assert StreamConfig.editing().timesteps[0] == 400.0 and len(StreamConfig.editing().timesteps) == 4
+    assert StreamConfig(shift=1.0).sigmas == (0.4, 0.3, 0.2, 0.1)
+    assert flow_sigma(1000.0, 5.0) == 1.0 and abs(flow_sigma(400.0, 5.0) - 2.0 / 2.6) < 1e-12
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        StreamConfig(timesteps=(250, 500))
+    with pytest.raises(ValueError, match="recovery"):
+        StreamConfig(recovery="copy")
+    with pytest.raises(ValueError, match="first_chunk"):
+        StreamConfig(first_chunk="skip")
+    with pytest.raises(ValueError, match="chunk"):
+        StreamConfig(chunk=0)
+
+
+def test_construction_errors(model):
+    _, text = video()
+    with pytest.raises(ValueError, match="B-frames"):
+        StreamRunner(model, text, planner="lipar", gop="bframes=2")
+    with pytest.raises(ValueError, match="rope_frames"):
+        StreamRunner(model, text, StreamConfig(sink=1, window=6, chunk=3, rope_frames=8))
+    with pytest.raises(ValueError, match="RoPE table"):
+        StreamRunner(model, text, StreamConfig(rope_frames=64))
+    runner = StreamRunner(model, text, StreamConfig())
+    with pytest.raises(ValueError, match="channels"):
+        runner.push(torch.zeros(1, 3, 2, 8, 8))
+    runner.push(torch.zeros(1, 4, 1, 8, 8))
+    with pytest.raises(ValueError, match="differ from the stream"):
+        runner.push(torch.zeros(1, 4, 1, 8, 10))
+
+
+def test_future_reference_is_refused(model):
+    x, text = video(6)
+    runner = StreamRunner(model, text, StreamConfig(chunk=3, first_chunk="prune"), planner=Future())
+    with pytest.raises(ValueError, match="only reference the past"):
+        runner.push(x)
+
+
+# -- equality with the references -------------------------------------------------------------
+@pytest.mark.parametrize("window", [None, 16])
+def test_intra_equals_reference_bit_for_bit(model, window):
+    """Window None (untrimmed) or larger than the video: same ops as the straightforward reference."""
+    x, text = video(7)
+    config = StreamConfig(chunk=3, window=window, sink=1)
+    ours = cat(stream(model, x, text, config))
+    ref, _ = reference_stream(model, x, text, config)
+    assert ours.shape == x.shape
+    assert torch.equal(ours, ref)
+
+
+def test_reference_equals_explicit_block_causal_mask(model64):
+    """The cache semantics are block-causal attention: float64, tolerance for reduction order."""
+    x, text = video(7, dtype=torch.float64)
+    config = StreamConfig(chunk=3, window=None, timesteps=(1000, 500), shift=3.0)
+    ours = cat(stream(model64, x, text, config))
+    masked = masked_reference(model64, x, text, config)
+    assert torch.allclose(ours, masked, rtol=0, atol=1e-9), (ours - masked).abs().max()
+
+
+def test_generation_preset_starts_from_pure_noise(model):
+    x, text = video(4)
+    config = StreamConfig.generation(chunk=2)
+    a = cat(stream(model, x, text, config))
+    b = cat(stream(model, torch.zeros_like(x), text, config))
+    assert torch.equal(a, b)  # sigma 1 at t = 1000: the source does not matter
+
+
+def test_kv_cache_after_clean_pass(model):
+    x, text = video(6)
+    config = StreamConfig(chunk=3, window=None, sink=1)
+    runner = StreamRunner(model, text, config)
+    runner.push(x[:, :, :3])
+    _, state = reference_stream(model, x[:, :, :3], text, config)
+    assert runner.cached_frames == [0, 1, 2]
+    for block in range(len(model.blocks)):
+        k, v, frames = runner.cache_kv(block)
+        assert frames == [(0, TPF), (1, TPF), (2, TPF)]
+        ref_k = torch.cat([rotate(kr, *state.tables([f])) for f, kr, _ in state.frames[block]], 1)
+        ref_v = torch.cat([val for _, _, val in state.frames[block]], 1)
+        assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
+    # the clean pass is at t = 0 on the chunk's output: redoing it reproduces the cache
+    first = runner.cache_kv(0)[0].clone()
+    runner2 = StreamRunner(model, text, config)
+    runner2.push(x[:, :, :3])
+    assert torch.equal(runner2.cache_kv(0)[0], first)
+
+
+def test_window_trimming(model):
+    x, text = video(8)
+    config = StreamConfig(chunk=2, sink=1, window=3)
+    runner = StreamRunner(model, text, config)
+    seen = []
+    for a in range(0, 8, 2):
+        runner.push(x[:, :, a : a + 2])
+        seen.append(runner.cached_frames)
+        k, _, frames = runner.cache_kv(0)
+        assert k.shape[1] == len(runner.cached_frames) * TPF
+    assert seen == [[0, 1], [0, 1, 2, 3], [0, 3, 4, 5], [0, 5, 6, 7]]
+    assert runner._cache.capacity == (1 + 3 + 2) * TPF  # pre-allocated: sink + window + chunk frames
+    ours = torch.cat([c.latents for c in StreamRunner(model, text, config).push(x)], 2)
+    ref, _ = reference_stream(model, x, text, config)
+    assert torch.equal(ours, ref)  # same trimming on both sides: bit for bit
+    untrimmed, _ = reference_stream(model, x, text, StreamConfig(chunk=2, sink=1, window=None))
+    assert not torch.equal(ours, untrimmed)  # and trimming does change frames 6..7
+
+
+def test_rope_shift_policy(model64):
+    """Past rope_frames the newest chunk is pinned to the last positions, cached keys re-rotated."""
+    x, text = video(10, dtype=torch.float64)
+    config = StreamConfig(chunk=2, sink=1, window=3, rope_frames=6, timesteps=(800, 400))
+    runner = StreamRunner(model64, text, config)
+    ours = cat(runner.push(x))
+    ref, state = reference_stream(model64, x, text, config, rope_frames=6)  # rotates raw keys at current positions
+    assert state.offset == 4
+    # diffusers rounds its RoPE tables to float32 (cos^2 + sin^2 = 1 only to ~1e-7), so a
+    # key rotated to p and then back by the shift differs from one rotated to p - shift by ~1e-7
+    assert torch.equal(ours[:, :, :6], ref[:, :, :6])  # before the first shift: bit for bit
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-5), (ours - ref).abs().max()
+    # cached keys sit at their shifted positions: k == rotate(raw k, table at pos)
+    k, _, frames = runner.cache_kv(1)
+    ref_k = torch.cat([rotate(kr, *state.tables([f])) for f, kr, _ in state.frames[1] if f in (0, 7, 8, 9)], 1)
+    assert [f for f, _ in frames] == [0, 7, 8, 9]
+    assert torch.allclose(k, ref_k, rtol=0, atol=1e-5)
+    assert torch.allclose(k[:, :TPF], ref_k[:, :TPF], rtol=0, atol=0)  # the sink frame is never rotated
+    # without a sink, attention only sees relative positions: same as never shifting
+    no_sink = StreamConfig(chunk=2, sink=0, window=4, rope_frames=6, timesteps=(800, 400))
+    shifted = cat(stream(model64, x, text, no_sink))
+    plain = cat(stream(model64, x, text, attrs_evolve(no_sink, rope_frames=None)))
+    assert torch.allclose(shifted, plain, rtol=0, atol=1e-5)
+    wrong = cat(stream(model64, x, text, attrs_evolve(no_sink, window=None, rope_frames=None)))
+    assert not torch.allclose(shifted, wrong, rtol=0, atol=1e-3)  # the window matters: the check can fail
+
+
+def attrs_evolve(config, **changes):
+    import attrs
+
+    return attrs.evolve(config, **changes)
+
+
+def test_streams_longer_than_the_rope_table(model):
+    x, text = video(40)  # the tiny model's table has 32 positions
+    runner = StreamRunner(model, text, StreamConfig(chunk=3, window=4, timesteps=(500,)))
+    out = cat(runner.push(x) + runner.flush())
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="window=None"):
+        StreamRunner(model, text, StreamConfig(chunk=3, window=None, timesteps=(500,))).push(x)
+
+
+# -- incremental API ---------------------------------------------------------------------------
+def test_incremental_pushes_match_one_push(model):
+    x, text = video(8)
+    config = StreamConfig(chunk=3, window=4)
+    whole = stream(model, x, text, config)
+    runner = StreamRunner(model, text, config)
+    pieces, got, a = [1, 2, 1, 3, 1], [], 0
+    for n in pieces:
+        got += runner.push(x[:, :, a : a + n])
+        a += n
+    assert [c.index for c in got] == [0, 1] and a == 8
+    got += runner.flush()
+    assert [list(c.frames) for c in got] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert runner.flush() == []
+    assert torch.equal(cat(got), cat(whole))
+    assert all(c.seconds > 0 and c.kept_ratio == 1.0 for c in got)
+    # run(): any iterator, with encode/decode hooks
+    frames = (x[0, :, i : i + 1] * 2 for i in range(8))  # (C, 1, H, W) pieces, "encoded" by halving
+    ran = list(StreamRunner(model, text, config).run(frames, encode=lambda p: p / 2, decode=lambda z: z.mean()))
+    assert torch.equal(cat(ran), cat(whole)) and ran[-1].pixels == ran[-1].latents.mean()
+
+
+def test_reset_restarts_the_stream(model):
+    x, text = video(6)
+    runner = StreamRunner(model, text, StreamConfig(chunk=3))
+    first = cat(runner.push(x))
+    runner.reset()
+    assert runner.cached_frames == []
+    assert torch.equal(cat(runner.push(x)), first)
+
+
+# -- pruning -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("recovery", ["none", "proportional", "duplicate", "clean"])
+def test_pruned_stream_restores_references(model, recovery):
+    x, text = video(9)
+    config = StreamConfig(chunk=3, window=4, recovery=recovery)
+    chunks = stream(model, x, text, config, planner=SamePlace(0.5))
+    out = cat(chunks).reshape(1, 4, 9, 4, 2, 4, 2).permute(0, 2, 3, 5, 4, 6, 1).reshape(1, 9 * TPF, 16)  # tokens
+    assert chunks[0].kept_ratio == 1.0  # first_chunk="full"
+    assert all(0.3 < c.kept_ratio < 0.8 for c in chunks[1:])
+    for c in chunks:
+        src = c.source
+        ids = torch.arange(c.start * TPF, c.start * TPF + src.numel())
+        assert c.kept == int((src == ids).sum())
+        assert torch.equal(out[0, ids], out[0, src])  # restoration: a reused token's output is its reference's
+        reused = src != ids
+        assert (src[reused] // TPF < ids[reused] // TPF).all() and (src[reused] % TPF == ids[reused] % TPF).all()
+    assert torch.isfinite(out).all()
+
+
+def test_recovery_modes_differ_where_they_should(model):
+    x, text = video(6)
+    runs = {}
+    for recovery in ("none", "proportional", "duplicate", "clean"):
+        config = StreamConfig(chunk=3, window=4, recovery=recovery, first_chunk="prune")
+        runs[recovery] = stream(model, x, text, config, planner=SamePlace(0.5))
+    assert runs["none"][0].kept_ratio < 1.0  # LIPAR's first chunk: pruned too
+    # chunk 0 has no clean cache: "clean" denoises it with plain pruning, exactly like "none"
+    assert torch.equal(runs["clean"][0].latents, runs["none"][0].latents)
+    assert not torch.equal(runs["duplicate"][0].latents, runs["none"][0].latents)  # noisy in-chunk copies
+    assert not torch.equal(runs["proportional"][0].latents, runs["none"][0].latents)
+    # from chunk 1 on the clean cache exists and every mode is different
+    later = {k: v[1].latents for k, v in runs.items()}
+    names = list(later)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not torch.equal(later[a], later[b]), (a, b)
+
+
+def test_all_kept_plan_is_the_intra_stream(model):
+    x, text = video(6)
+    intra = cat(stream(model, x, text, StreamConfig(chunk=3)))
+    for recovery in ("none", "proportional", "duplicate", "clean"):
+        config = StreamConfig(chunk=3, recovery=recovery, first_chunk="prune")
+        assert torch.equal(cat(stream(model, x, text, config, planner=SamePlace(0.0))), intra)
+
+
+def test_clean_cache_holds_rerotated_copies(model64):
+    """Clean pass, clean recovery: a reused token's cached key is its reference's key at its own position."""
+    x, text = video(6, dtype=torch.float64)
+    config = StreamConfig(chunk=3, window=None, recovery="clean", timesteps=(600, 300))
+    runner = StreamRunner(model64, text, config, planner=SamePlace(0.5))
+    chunks = runner.push(x)
+    src = torch.cat([c.source for c in chunks])  # (6*16,) stream ids
+    rope = model64.rope
+    cos_all, sin_all = rope(x)  # (1, 96, 1, D) at absolute positions (no shift here)
+    for block in range(len(model64.blocks)):
+        k, v, frames = runner.cache_kv(block)
+        assert frames == [(f, TPF) for f in range(6)]  # complete frames
+        reused = (src != torch.arange(src.numel())).nonzero().flatten()
+        s = src[reused]
+        assert reused.numel() > 10 and (s < 3 * TPF).any() and (s >= 3 * TPF).any()  # cached and in-chunk refs
+        raw = rotate(k[:, s], cos_all[:, s], -sin_all[:, s])  # un-rotate the reference's key
+        expected = rotate(raw, cos_all[:, reused], sin_all[:, reused])
+        assert torch.allclose(k[:, reused], expected, rtol=0, atol=1e-6), (k[:, reused] - expected).abs().max()  # f32 tables
+        assert torch.equal(v[:, reused], v[:, s])
+    # the cached key rows of reused tokens are not simply their reference's rotated key
+    assert not torch.allclose(k[:, reused], k[:, s])
