@@ -465,3 +465,39 @@ def test_clean_cache_holds_rerotated_copies(model64):
         assert torch.equal(v[:, reused], v[:, s])
     # the cached key rows of reused tokens are not simply their reference's rotated key
     assert not torch.allclose(k[:, reused], k[:, s])
+
+
+def test_lipar_planner_streams_with_bounded_history(model):
+    """The real planner, chunk by chunk on the past: a static scene with one moving corner."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 1, 24, 24, generator=g) + 0.02 * torch.randn(1, 4, 12, 24, 24, generator=g)
+    x[:, :, :, :4, :4] += torch.randn(1, 4, 12, 4, 4, generator=g)  # tokens (0..1, 0..1) change every frame
+    _, text = video()
+    runner = StreamRunner(model, text, StreamConfig(chunk=3, plan_context=6, window=3), planner="lipar")
+    chunks = runner.push(x)
+    assert chunks[0].kept_ratio == 1.0 and all(c.kept_ratio < 0.3 for c in chunks[1:])
+    for c in chunks[1:]:
+        ids = torch.arange(c.start * 144, c.start * 144 + c.source.numel())
+        moving = (ids % 144 // 12 < 2) & (ids % 12 < 2)
+        assert (c.source[moving] == ids[moving]).all()  # the moving corner is always computed
+        assert (c.source // 144 >= c.start + 3 - 6).all()  # references stay inside the plan context
+    assert runner._src_hist.shape[2] == 3 and runner._out_hist.shape[1] == 3 * 144  # history bounded
+    assert torch.isfinite(cat(chunks)).all()
+
+
+def test_proportional_multiplicities(model):
+    """log c_j per key row: 1 + the reused tokens of the cached frames and the chunk that copy it."""
+    x, text = video(6)
+    runner = StreamRunner(model, text, StreamConfig(chunk=3, recovery="proportional"), planner=SamePlace(0.5))
+    runner.push(x[:, :, :3])  # chunk 0: computed in full, 48 rows
+    runner._remember_source(x[:, :, 3:])
+    src = runner._plan_rows(3, 3)
+    idx = runner._index(3, 3, src)
+    ids = torch.arange(48, 96)
+    keep = ids[src == ids]
+    row = {int(t): r for r, t in enumerate(list(range(48)) + keep.tolist())}  # cache rows, then the chunk's kept rows
+    expected = torch.ones(48 + keep.numel())
+    for t in src[src != ids]:
+        expected[row[int(t)]] += 1
+    assert expected.max() >= 2
+    assert torch.allclose(idx.denoise.log_mult, expected.log()) and torch.equal(idx.clean.log_mult, idx.denoise.log_mult)
