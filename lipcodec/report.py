@@ -86,7 +86,7 @@ def compare_session(session: Session, cfgs, *, warmup: int = 1, progress: bool =
     for cfg in tqdm(cfgs, desc="configurations", unit="run", disable=not progress, leave=False):
         run = session.run(cfg.planner, gop=parse_gop(cfg.gop), recovery=cfg.recovery, restore=cfg.restore,
                           desc=cfg.label, **cfg.params)
-        fid = fidelity_of(base, run)
+        fid = fidelity_of(base, run, reference_warp=result["unpruned"]["warp_error"])
         row = {
             "label": cfg.label, "planner": cfg.planner, "gop": gop_label(parse_gop(cfg.gop)),
             "recovery": cfg.recovery, "restore": cfg.restore, "params": cfg.params,
