@@ -33,7 +33,7 @@ import torch
 
 from .gop import GOP
 from .plan import Plan, PlanError
-from .planners import PlanContext, Planner, get
+from .planners import MotionField, PlanContext, Planner, get
 
 #: GOP labels and settings every planner is checked under ("default" is ``GOP()``).
 STANDARD_GOPS: tuple[str, ...] = (
@@ -80,6 +80,26 @@ def standard_clips(
     return {name: x.contiguous() for name, x in {"still": still, "pan": pan, "cut": cut, "noise": noise}.items()}
 
 
+def standard_motion(name: str, frames: int = 9, height: int = 8, width: int = 12) -> MotionField:
+    """The codec motion field an encoder would report for a standard clip (patch (1, 2, 2),
+    Wan's 4x/8x VAE: one 16 px block per token, 4 pixel frames per latent frame).
+
+    ``pan`` moves one token (16 px) per latent frame: its content came from 4 px to the
+    right in the previous pixel frame. ``still`` and ``cut`` have zero motion (the cut's
+    first frame is intra-coded: no vectors); ``noise`` has no usable vectors at all.
+    """
+    t, hb, wb = 4 * (frames - 1) + 1, height // 2, width // 2
+    vectors = np.zeros((t, hb, wb, 2), np.float32)
+    vectors[0] = np.nan  # frame 0 is an I-frame
+    if name == "pan":
+        vectors[1:, :, :, 1] = 4.0
+    elif name == "cut":
+        vectors[4 * (frames // 2 + 1) - 3] = np.nan
+    elif name == "noise":
+        vectors[:] = np.nan
+    return MotionField(vectors, 16, (16 * hb, 16 * wb))
+
+
 def check_planner(
     planner: str | Planner | Callable,
     *,
@@ -91,7 +111,8 @@ def check_planner(
     Important:
         planner: a planner object or a registered name (built with default parameters).
         clips: name -> latents (C, F, H, W) or a :class:`PlanContext` (its ``gop`` is
-            replaced by each GOP); default :func:`standard_clips` with patch (1, 2, 2).
+            replaced by each GOP); default :func:`standard_clips` with patch (1, 2, 2) and
+            their :func:`standard_motion`, so planners that read codec vectors run too.
 
     To tinker with:
         gops: x264 params strings, ``"default"`` or :class:`GOP` objects.
@@ -128,7 +149,8 @@ def check_planner(
     """
     planner = get(planner)
     label = getattr(planner, "name", None) or getattr(planner, "__name__", None) or repr(planner)
-    clips = standard_clips() if clips is None else clips
+    if clips is None:  # the standard clips come with the motion vectors a codec would report
+        clips = {name: PlanContext(x, (1, 2, 2), motion=standard_motion(name, *x.shape[1:])) for name, x in standard_clips().items()}
     plans: dict[tuple[str, str], Plan] = {}
     rng_states = (torch.random.get_rng_state(), np.random.get_state(), random.getstate())
     try:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lipcodec
+import lipcodec.testing
 from lipcodec import fixtures
 from lipcodec.planners import MotionField
 from lipcodec.video import pixel_proxy_latents, read_video
@@ -230,3 +231,9 @@ def test_bad_parameters_name_the_problem(planner, params, message):
 def test_parameters_given_as_strings_are_converted():
     planner = lipcodec.planners.get("lipar", tau1="0.1", tau2="none", dilation="1,3,3")
     assert planner.tau1 == 0.1 and planner.tau2 is None and planner.dilation == (1, 3, 3)
+
+
+@pytest.mark.parametrize("planner", ["intra", "lipar", "motion", "bitstream"])
+def test_every_built_in_planner_passes_the_public_contract(planner):
+    plans = lipcodec.testing.check_planner(planner)
+    assert len(plans) == 4 * len(lipcodec.testing.STANDARD_GOPS)
