@@ -143,6 +143,7 @@ class Chunk:
     kept: int  # computed tokens
     tokens: int
     source: torch.Tensor  # (S*h*w,) stream token id each token took its output from
+    plan_seconds: float = 0.0  # part of ``seconds`` spent planning
     pixels: object = None  # decode(latents) when run() was given a decode hook
 
     @property
@@ -441,7 +442,9 @@ class StreamRunner:
         a = self._frames
         self._remember_source(source)
         self._shift_positions(a + s)
+        plan_start = time.perf_counter()
         src = self._plan_rows(a, s)  # (N,) stream token ids
+        plan_seconds = time.perf_counter() - plan_start  # planning ends in host code (indices fetched)
         idx = self._index(a, s, src)
         n = s * self.tpf
         sigmas = conf.sigmas
@@ -458,8 +461,8 @@ class StreamRunner:
             torch.cuda.synchronize(x0.device)
         self._frames += s
         self._chunks += 1
-        chunk = Chunk(self._chunks - 1, a, x0, time.perf_counter() - start_time, int(idx.keep.numel()), n, src.cpu())
-        return chunk
+        seconds = time.perf_counter() - start_time
+        return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, src.cpu(), plan_seconds)
 
     def _denoise(self, x, sigma, idx: _ChunkIndex, a: int) -> torch.Tensor:
         """One step: x0 = x - sigma v on kept tokens, reused tokens restored from their reference."""

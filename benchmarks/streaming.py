@@ -1,0 +1,155 @@
+"""Streaming (Self-Forcing-style) editing: unpruned vs pruned, per recovery mode.
+
+LIPAR's Fig. 9 ablation as numbers: for one clip, each row streams the same source
+latents with the same noise (StreamConfig.editing(): t = 400, 4 steps, shift 5, chunks of
+3 latent frames, cache sink 1 + window 6, one clean t = 0 pass per chunk) and reports
+
+- ``kept``: computed share of tokens (mean over chunks);
+- ``err_vs_unpruned``: relative L2 error of the output latents against the unpruned
+  stream with the same cache window, and their latent PSNR (dB);
+- ``fps``: denoising throughput in output pixel frames per second (latent frames x 4 /
+  the summed chunk latencies, per-chunk planning excluded, VAE not run); ``fps_with_plan``
+  includes planning (``plan_ms`` per chunk);
+- ``err_kept``: the same relative error over the computed tokens only - restored tokens
+  copy their reference, so this is where attention recovery shows;
+- ``chunk_ms``: mean latency of chunks 1.. (chunk 0 is computed in full by default);
+- ``peak_gib``: peak CUDA memory of the row.
+
+Rows: ``unpruned`` (window 6), ``unpruned full cache`` (every frame kept in the cache, as
+Self-Forcing's baseline), then the lipar planner at ``--target-kept`` (default 0.68 =
+~32% reuse) with recovery none / proportional / duplicate (noisy) / clean (noise-aware).
+
+Full size (CUDA, bf16): Wan2.1-T2V-1.3B config with random weights, 480x832, latents
+(1, 16, F, 60, 104) from the bundled clip's pixel proxy (ping-pong looped), text
+(1, 512, 4096). ``--tiny``: the tiny config on CPU, a smoke test of the same table.
+
+    python benchmarks/streaming.py --out results/streaming.json              # GPU
+    python benchmarks/streaming.py --tiny --out /tmp/streaming.json          # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+
+import numpy as np
+import torch
+from diffusers import WanTransformer3DModel
+from einops import rearrange
+
+from lipcodec import fixtures
+from lipcodec.fidelity import latent_psnr
+from lipcodec.streaming import StreamConfig, StreamRunner
+from lipcodec.video import pixel_proxy_latents, read_video
+
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)
+TINY = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
+    freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+)
+
+
+def clip_latents(frames: int, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 16, frames, H/8, W/8) pixel-proxy latents of the bundled clip, ping-pong looped."""
+    pixels = read_video(fixtures.bundled_clip(), size=size, progress=False).frames  # (33, H, W, 3)
+    need = 4 * (frames - 1) + 1
+    loop = np.concatenate([pixels, pixels[-2:0:-1]])  # forward then back, no repeated end frames
+    pixels = np.concatenate([loop] * math.ceil(need / len(loop)))[:need]
+    return pixel_proxy_latents(pixels)[None]  # (1, 16, F, H/8, W/8)
+
+
+def stream(model, source, text, config, **planner):
+    """Run one stream; returns (latents, chunks, peak GiB)."""
+    cuda = source.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    runner = StreamRunner(model, text, config, **planner)
+    chunks = runner.push(source) + runner.flush()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return torch.cat([c.latents for c in chunks], 2), chunks, peak
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
+    parser.add_argument("--frames", type=int, default=None, help="latent frames (default 21, tiny 9)")
+    parser.add_argument("--target-kept", type=float, default=0.68, help="lipar planner budget (0.68 = ~32%% reuse)")
+    parser.add_argument("--modes", nargs="+", default=["none", "proportional", "duplicate", "clean"])
+    parser.add_argument("--first-chunk", default="full", choices=("full", "prune"))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (tiny default 1: tiny ops)")
+    parser.add_argument("--out", required=True, help="JSON results path")
+    args = parser.parse_args(argv)
+    if args.threads or args.tiny:
+        torch.set_num_threads(args.threads or 1)
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    if not cuda and not args.tiny:
+        parser.error("no CUDA device: the full-size benchmark needs a GPU; use --tiny for a CPU smoke test")
+    frames = args.frames or (9 if args.tiny else 21)
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    cfg, size, text_shape = (TINY, (128, 224), (1, 16, 32)) if args.tiny else (WAN_1_3B, (480, 832), (1, 512, 4096))
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanTransformer3DModel(**cfg).to(dtype).eval()
+        text = torch.randn(text_shape, dtype=dtype)
+    source = clip_latents(frames, size).to(device)
+    base = StreamConfig.editing(first_chunk=args.first_chunk)
+    print(f"latents {tuple(source.shape)}, {frames * 4} output pixel frames, device {device} {dtype}", flush=True)
+
+    stream(model, source[:, :, : base.chunk], text, base)  # warm-up (kernels, allocator)
+    reference, chunks, peak = stream(model, source, text, base)
+    rows = []
+
+    def record(name, latents, chunks, peak, recovery=None):
+        plan = sum(c.plan_seconds for c in chunks)
+        seconds = sum(c.seconds for c in chunks) - plan
+        kept = float(np.mean([c.kept_ratio for c in chunks]))
+        err = float((latents - reference).norm() / reference.norm())
+        computed = torch.cat([c.source == torch.arange(c.start * c.tokens // len(c.frames), c.start * c.tokens // len(c.frames)
+                                                       + c.tokens) for c in chunks])  # (F*h*w,) per token
+        tok_out, tok_ref = (rearrange(t, "b c f (h ph) (w pw) -> b (f h w) (ph pw c)", ph=2, pw=2)[:, computed]
+                            for t in (latents.float().cpu(), reference.float().cpu()))
+        row = {
+            "name": name, "recovery": recovery, "kept": kept, "err_vs_unpruned": err,
+            "err_kept": float((tok_out - tok_ref).norm() / tok_ref.norm()),
+            "psnr_vs_unpruned": latent_psnr(reference, latents), "seconds": seconds,
+            "fps": frames * 4 / seconds, "fps_with_plan": frames * 4 / (seconds + plan),
+            "chunk_ms": 1e3 * float(np.mean([c.seconds - c.plan_seconds for c in chunks[1:]] or [seconds])),
+            "plan_ms": 1e3 * plan / len(chunks), "peak_gib": peak,
+        }
+        rows.append(row)
+        print(f"  {name:<22} kept {kept:5.3f}  err {err:7.4f}  err_kept {row['err_kept']:7.4f}  "
+              f"psnr {row['psnr_vs_unpruned']:6.2f} dB  {row['fps']:8.2f} fps ({row['fps_with_plan']:7.2f} w/ plan)  "
+              f"chunk {row['chunk_ms']:7.1f} ms  plan {row['plan_ms']:6.1f} ms  peak {peak:6.2f} GiB", flush=True)
+
+    with torch.no_grad():
+        record("unpruned", reference, chunks, peak)
+        record("unpruned full cache", *stream(model, source, text, StreamConfig.editing(window=None)))
+        for mode in args.modes:
+            config = StreamConfig.editing(recovery=mode, first_chunk=args.first_chunk)
+            out = stream(model, source, text, config, planner="lipar", target_kept=args.target_kept)
+            record(f"lipar {mode}", *out, recovery=mode)
+
+    result = {
+        "benchmark": "streaming",
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "dtype": str(dtype), "config": "tiny" if args.tiny else "wan2.1-1.3b", "latents": list(source.shape),
+        "stream": {"chunk": base.chunk, "timesteps": base.timesteps, "shift": base.shift, "sink": base.sink,
+                   "window": base.window, "first_chunk": args.first_chunk},
+        "target_kept": args.target_kept, "torch": torch.__version__, "rows": rows,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
