@@ -15,12 +15,13 @@ Two references, both built on diffusers' own ``WanTransformer3DModel.forward``:
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from lipcodec import Grid, Plan, Schedule
+from lipcodec import Plan, Schedule
 from lipcodec.attention import rotate
 from lipcodec.streaming import Chunk, StreamConfig, StreamRunner, flow_sigma
 
@@ -346,16 +347,10 @@ def test_rope_shift_policy(model64):
     # without a sink, attention only sees relative positions: same as never shifting
     no_sink = StreamConfig(chunk=2, sink=0, window=4, rope_frames=6, timesteps=(800, 400))
     shifted = cat(stream(model64, x, text, no_sink))
-    plain = cat(stream(model64, x, text, attrs_evolve(no_sink, rope_frames=None)))
+    plain = cat(stream(model64, x, text, attrs.evolve(no_sink, rope_frames=None)))
     assert torch.allclose(shifted, plain, rtol=0, atol=1e-5)
-    wrong = cat(stream(model64, x, text, attrs_evolve(no_sink, window=None, rope_frames=None)))
+    wrong = cat(stream(model64, x, text, attrs.evolve(no_sink, window=None, rope_frames=None)))
     assert not torch.allclose(shifted, wrong, rtol=0, atol=1e-3)  # the window matters: the check can fail
-
-
-def attrs_evolve(config, **changes):
-    import attrs
-
-    return attrs.evolve(config, **changes)
 
 
 def test_streams_longer_than_the_rope_table(model):
