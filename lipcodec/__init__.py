@@ -11,10 +11,13 @@ from .planners import PlanContext, plan, register_planner
 
 __version__ = "0.1.0"
 
-_LAZY = {"apply": "executor", "remove": "executor", "Codec": "executor", "edit": "editing"}
+_LAZY = {
+    "apply": "executor", "remove": "executor", "Codec": "executor", "edit": "editing",
+    "StreamRunner": "streaming", "StreamConfig": "streaming",
+}
 
 
-def __getattr__(name):  # the executor imports diffusers; load it on first use only
+def __getattr__(name):  # executor, editing and streaming import diffusers: load on first use only
     if name in _LAZY:
         import importlib
 
@@ -24,5 +27,5 @@ def __getattr__(name):  # the executor imports diffusers; load it on first use o
 
 __all__ = [
     "GOP", "Schedule", "Grid", "Plan", "PlanError", "PlanContext",
-    "plan", "register_planner", "planners", "apply", "remove", "Codec", "edit",
+    "plan", "register_planner", "planners", "apply", "remove", "Codec", "edit", "StreamRunner", "StreamConfig",
 ]
