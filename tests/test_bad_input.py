@@ -30,7 +30,6 @@ def files(tmp_path_factory):
     data = f["good"].read_bytes()
     f["cut_mp4"] = root / "cut.mp4"  # MP4 with its index at the end, cut in half: index lost
     f["cut_mp4"].write_bytes(data[: len(data) // 2])
-    mkv = fixtures.h264  # noqa: F841  (the MKV below is lossless FFV1, written frame by frame)
     f["mkv"] = root / "full.mkv"
     _write(f["mkv"], frames, "ffv1")
     raw = f["mkv"].read_bytes()

@@ -167,3 +167,19 @@ def test_settings_are_checked_before_any_work(clip, embeds):
     ):
         with pytest.raises(EditError, match=message):
             lipcodec.edit(clip, pipe, prompt_embeds=embeds[0], **kwargs)
+
+
+def test_edit_example_runs_as_written(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "edited.mp4"
+    run = subprocess.run([sys.executable, "examples/edit_video.py", "--out", str(out)], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("frames (17, 64, 64, 3), frame types I") and "kept" in lines[0]
+    assert lines[1].startswith("fidelity vs unpruned: PSNR") and lines[2].startswith("by hand: 17 frames, 12 model calls")
+    assert out.is_file()
