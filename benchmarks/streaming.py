@@ -104,8 +104,13 @@ def main(argv=None):
     base = StreamConfig.editing(first_chunk=args.first_chunk)
     print(f"latents {tuple(source.shape)}, {frames * 4} output pixel frames, device {device} {dtype}", flush=True)
 
-    stream(model, source[:, :, : base.chunk], text, base)  # warm-up (kernels, allocator)
-    reference, chunks, peak = stream(model, source, text, base)
+    def timed(config, **plan_kwargs):
+        """Each configuration streams the clip twice and the second run is timed: every new
+        sequence length pays one-time kernel setup (e.g. a cuDNN execution plan) on first use."""
+        stream(model, source, text, config, **plan_kwargs)
+        return stream(model, source, text, config, **plan_kwargs)
+
+    reference, chunks, peak = timed(base)
     rows = []
 
     def record(name, latents, chunks, peak, recovery=None):
@@ -132,10 +137,10 @@ def main(argv=None):
 
     with torch.no_grad():
         record("unpruned", reference, chunks, peak)
-        record("unpruned full cache", *stream(model, source, text, StreamConfig.editing(window=None)))
+        record("unpruned full cache", *timed(StreamConfig.editing(window=None)))
         for mode in args.modes:
             config = StreamConfig.editing(recovery=mode, first_chunk=args.first_chunk)
-            out = stream(model, source, text, config, planner="lipar", target_kept=args.target_kept)
+            out = timed(config, planner="lipar", target_kept=args.target_kept)
             record(f"lipar {mode}", *out, recovery=mode)
 
     result = {
