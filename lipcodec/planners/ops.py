@@ -6,8 +6,6 @@ decision at frame t never depends on later frames (streaming-safe).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -30,42 +28,45 @@ def trimmed_l1(a: torch.Tensor, b: torch.Tensor, low: float = 0.2, high: float =
     return trimmed / (hi - lo)
 
 
-def _causal_windows(volume: torch.Tensor, size: tuple[int, int, int], causal: bool = True) -> torch.Tensor:
-    """All values of the causal (t-k+1..t) or centred window, spatially centred: (K, F, H, W)."""
+def _pad(volume: torch.Tensor, size: tuple[int, int, int], causal: bool = True) -> torch.Tensor:
+    """(1, 1, F+kt-1, H+kh-1, W+kw-1) float, replicate-padded for a causal (t-k+1..t) or
+    centred window in time, spatially centred."""
     kt, kh, kw = size
     before, after = (kt - 1, 0) if causal else (kt // 2, kt - 1 - kt // 2)
-    x = volume[None, None].float()  # (1, 1, F, H, W)
-    x = F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, before, after), mode="replicate")[0, 0]
+    pad = (kw // 2, kw - 1 - kw // 2, kh // 2, kh - 1 - kh // 2, before, after)
+    return F.pad(volume[None, None].float(), pad, mode="replicate")
+
+
+def _windows(volume: torch.Tensor, size: tuple[int, int, int], causal: bool = True) -> torch.Tensor:
+    """Every value of each token's window on the last, contiguous axis: (F, H, W, K)."""
+    kt, kh, kw = size
+    x = _pad(volume, size, causal)[0, 0]
     f, h, w = volume.shape
     return torch.stack(
-        [x[dt : dt + f, dy : dy + h, dx : dx + w] for dt in range(kt) for dy in range(kh) for dx in range(kw)]
+        [x[dt : dt + f, dy : dy + h, dx : dx + w] for dt in range(kt) for dy in range(kh) for dx in range(kw)], -1
     )
 
 
 def causal_median(volume: torch.Tensor, size=(3, 3, 3)) -> torch.Tensor:
     """Median over a causal 3D window (replicate padding)."""
-    return _causal_windows(volume, size).median(dim=0).values
+    return _windows(volume, size).median(dim=-1).values
 
 
 def causal_gaussian(volume: torch.Tensor, sigma: float = 1.5, size=(3, 3, 3)) -> torch.Tensor:
     """Gaussian average over a causal 3D window: spatially centred, in time a half-kernel at t."""
     kt, kh, kw = size
-    weights = torch.tensor(
-        [
-            math.exp(-((kt - 1 - dt) ** 2 + (dy - kh // 2) ** 2 + (dx - kw // 2) ** 2) / (2 * sigma**2))
-            for dt in range(kt)
-            for dy in range(kh)
-            for dx in range(kw)
-        ],
-        device=volume.device,
-    )
-    weights = weights / weights.sum()
-    return torch.einsum("k,kfhw->fhw", weights, _causal_windows(volume, size))
+    t = torch.arange(kt, device=volume.device) - (kt - 1)  # -(kt-1) .. 0: the past up to t
+    y = torch.arange(kh, device=volume.device) - kh // 2
+    x = torch.arange(kw, device=volume.device) - kw // 2
+    d2 = t[:, None, None] ** 2 + y[None, :, None] ** 2 + x[None, None, :] ** 2  # (kt, kh, kw)
+    weights = torch.exp(-d2.float() / (2 * sigma**2))
+    weights = (weights / weights.sum())[None, None]  # (1, 1, kt, kh, kw)
+    return F.conv3d(_pad(volume, size), weights)[0, 0]
 
 
 def causal_dilate(mask: torch.Tensor, size=(3, 5, 5)) -> torch.Tensor:
     """Grow True regions: a token is True if any token of its causal window is."""
-    return _causal_windows(mask, size).amax(dim=0) > 0.5
+    return F.max_pool3d(_pad(mask, size), size, stride=1)[0, 0] > 0.5
 
 
 def majority(mask: torch.Tensor, size=(3, 3, 3), causal: bool = False) -> torch.Tensor:
@@ -74,7 +75,7 @@ def majority(mask: torch.Tensor, size=(3, 3, 3), causal: bool = False) -> torch.
     A causal median of a mask lags every onset of change by a frame, so the centred
     window is the default; ``causal=True`` is for planning frames as they arrive.
     """
-    return _causal_windows(mask, size, causal).mean(dim=0) > 0.5
+    return F.avg_pool3d(_pad(mask, size, causal), size, stride=1)[0, 0] > 0.5
 
 
 def _dilate2d(mask: torch.Tensor, k: int) -> torch.Tensor:

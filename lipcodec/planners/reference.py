@@ -145,7 +145,10 @@ class ReferencePlanner:
         short_reuse = cache[schedule.types] <= tau
         reuse = short_reuse & torch.isfinite(best_distance) & ~keyframe[:, None]
         flat = tokens.reshape(f * hw, -1)
-        source = _resolve(schedule, flat, best_source, reuse, tau2, self.trim)
+        memo = _GuardMemo(f * hw, device)  # the second resolve re-checks mostly the same pairs
+        if tau2 is not None:  # a chain that ends at the direct reference: its match distance
+            memo.final, memo.ok = best_source.flatten().clone(), (best_distance <= tau2).flatten()
+        source = _resolve(schedule, flat, best_source, reuse, tau2, self.trim, memo)
         # keyframes are computed by type, not by change: in the clean-up they vote with their
         # own change against the previous frame; they are forced back to computed below
         reused = (source != torch.arange(f * hw, device=device)).reshape(f, hw)
@@ -153,7 +156,7 @@ class ReferencePlanner:
         final = self.postprocess(reused.reshape(f, grid.height, grid.width))
         final = final.reshape(f, hw) & torch.isfinite(best_distance) & ~keyframe[:, None]
         if not torch.equal(final.flatten(), source != torch.arange(f * hw, device=device)):  # clean-up changed it
-            source = _resolve(schedule, flat, best_source, final, tau2 if self.reverify else None, self.trim)
+            source = _resolve(schedule, flat, best_source, final, tau2 if self.reverify else None, self.trim, memo)
         meta = {"planner": self.name, "params": _params(self), "gop": str(gop), "threshold_scale": scale}
         return Plan(grid, source, schedule, meta=meta)
 
@@ -176,7 +179,29 @@ class ReferencePlanner:
         return best
 
 
-def _resolve(schedule, flat, best_source, reuse, tau2, trim) -> torch.Tensor:
+class _GuardMemo:
+    """Guard verdicts already computed: ``final[i]`` is the source token i was checked
+    against (-1: never), ``ok[i]`` the verdict. Same thresholds within one decision."""
+
+    def __init__(self, n: int, device):
+        self.final = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.ok = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def check(self, flat, ids, final, tau2, trim) -> torch.Tensor:
+        """Guard verdict for tokens ``ids`` copying ``final``; computes only the new pairs."""
+        known = self.final[ids] == final
+        if flat.is_cuda:  # no host sync: compute every pair, keep the known verdicts
+            fresh = trimmed_l1(flat[ids], flat[final], *trim) <= tau2
+            verdict = torch.where(known, self.ok[ids], fresh)
+        else:
+            verdict = self.ok[ids].clone()
+            new = (~known).nonzero().flatten()
+            verdict[new] = trimmed_l1(flat[ids[new]], flat[final[new]], *trim) <= tau2
+        self.final[ids], self.ok[ids] = final, verdict
+        return verdict
+
+
+def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo) -> torch.Tensor:
     """Point reused tokens at the computed token their reference finally copies (coding order).
 
     With ``tau2``, a token whose final source is farther than ``tau2`` is computed instead.
@@ -191,12 +216,12 @@ def _resolve(schedule, flat, best_source, reuse, tau2, trim) -> torch.Tensor:
         if flat.is_cuda:  # no host sync: guard every token of the frame, keep the candidates
             use = reuse[t]
             if tau2 is not None:
-                use = use & (trimmed_l1(flat[ids], flat[final], *trim) <= tau2)
+                use = use & memo.check(flat, ids, final, tau2, trim)
             source[ids] = torch.where(use, final, ids)
         else:  # CPU: guard only the candidates (fewer sorts)
             use = reuse[t].nonzero().flatten()
             if tau2 is not None:
-                use = use[trimmed_l1(flat[ids[use]], flat[final[use]], *trim) <= tau2]
+                use = use[memo.check(flat, ids[use], final[use], tau2, trim)]
             source[ids[use]] = final[use]
     return source
 
