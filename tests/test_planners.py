@@ -237,3 +237,22 @@ def test_parameters_given_as_strings_are_converted():
 def test_every_built_in_planner_passes_the_public_contract(planner):
     plans = lipcodec.testing.check_planner(planner)
     assert len(plans) == 4 * len(lipcodec.testing.STANDARD_GOPS)
+
+
+def test_pooled_filters_equal_their_window_definitions():
+    """Dilation, majority and the Gaussian run as pooling/convolution; they must equal the
+    plain definitions over each token's causal (or centred) window."""
+    from lipcodec.planners import ops
+
+    g = torch.Generator().manual_seed(0)
+    volume = torch.rand(7, 9, 11, generator=g)
+    mask = volume > 0.6
+    windows = ops._windows
+    assert torch.equal(ops.causal_dilate(mask, (3, 5, 5)), windows(mask, (3, 5, 5)).amax(-1) > 0.5)
+    assert torch.equal(ops.majority(mask), windows(mask, (3, 3, 3), False).mean(-1) > 0.5)
+    assert torch.equal(ops.majority(mask, causal=True), windows(mask, (3, 3, 3), True).mean(-1) > 0.5)
+    offsets = [(dt, dy, dx) for dt in (-2, -1, 0) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    weights = torch.tensor([np.exp(-(dt * dt + dy * dy + dx * dx) / (2 * 1.5**2)) for dt, dy, dx in offsets]).float()
+    expected = windows(volume, (3, 3, 3)) @ (weights / weights.sum())
+    assert torch.allclose(ops.causal_gaussian(volume), expected, atol=1e-6)
+    assert torch.equal(ops.causal_median(volume), windows(volume, (3, 3, 3)).median(-1).values)
