@@ -1,0 +1,109 @@
+"""The embedded reference model (lipcodec.models): shipped weights, autoencoder round trip,
+edits that do what the word says, determinism, and both execution modes under lipcodec."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import lipcodec  # noqa: E402
+from lipcodec import fixtures, models  # noqa: E402
+from lipcodec.models.edits import chroma, luma  # noqa: E402
+from lipcodec.video import read_video  # noqa: E402
+
+AE_PSNR_FLOOR = 22.0  # measured 23.3 dB on this clip at 64x112 (25.5 dB at 128x224): docs/model-card.md
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.reference()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """The bundled clip (held out from training), 17 frames at 64x112."""
+    return read_video(fixtures.bundled_clip(), size=(64, 112), max_frames=17, progress=False).frames
+
+
+def _float(frames):
+    return torch.from_numpy(np.asarray(frames)).permute(3, 0, 1, 2)[None].float() / 255.0  # (1, 3, T, H, W)
+
+
+def test_shipped_weights_load(model):
+    assert models.WEIGHTS.stat().st_size < 25e6
+    assert model.vocabulary == ("identity", "grayscale", "sepia", "negative", "warm", "cool", "posterize")
+    assert type(model.transformer).__name__ == "WanTransformer3DModel"
+    assert model.embed("grayscale").shape == (1, 4, 32)
+    assert torch.isfinite(model.ae.latents_std).all() and (model.ae.latents_std > 0).all()
+
+
+def test_unknown_word_lists_the_vocabulary(model):
+    with pytest.raises(ValueError, match="identity, grayscale, sepia, negative, warm, cool, posterize"):
+        model.embed("watercolor")
+
+
+def test_autoencoder_round_trip(model, clip):
+    z = model.encode(clip)
+    assert z.shape == (1, 16, 5, 8, 14)  # 4x time (causal: 17 -> 5), 8x space
+    out = model.decode(z)
+    mse = np.mean((out.astype(np.float64) - clip.astype(np.float64)) ** 2) / 255.0**2
+    assert 10 * np.log10(1 / mse) >= AE_PSNR_FLOOR
+
+
+def test_autoencoder_is_causal(model, clip):
+    changed = clip.copy()
+    changed[9:] = 255 - changed[9:]  # pixel frames 9.. = latent frames 3..
+    a, b = model.encode(clip), model.encode(changed)
+    assert torch.equal(a[:, :, :3], b[:, :, :3])
+    assert not torch.equal(a[:, :, 3:], b[:, :, 3:])
+
+
+def test_edit_is_deterministic_and_does_what_the_word_says(model, clip):
+    gray = model.edit(clip, "grayscale", strength=0.5, steps=6, seed=3)
+    again = model.edit(clip, "grayscale", strength=0.5, steps=6, seed=3)
+    assert np.array_equal(gray, again)
+    src = _float(clip)
+    assert chroma(_float(gray)) < 0.5 * chroma(src)  # measured 0.37x here, 0.26x at 128x224 / 10 steps
+    luma_psnr = 10 * torch.log10(1 / (luma(_float(gray)) - luma(src)).pow(2).mean())
+    assert luma_psnr > 20  # structure kept at strength 0.5
+
+
+@pytest.mark.xfail(reason="target not met by the shipped weights (1226 denoiser steps): the negative keeps luma "
+                          "(correlation +0.94 with the source), see docs/model-card.md", strict=False)
+def test_negative_inverts_luma(model, clip):
+    src = _float(clip)
+    neg = _float(model.edit(clip, "negative", strength=0.5, steps=6, seed=3))
+    corr = torch.corrcoef(torch.stack([luma(src).flatten(), luma(neg).flatten()]))[0, 1]
+    assert corr < -0.5
+
+
+def test_runs_under_apply_with_a_plan(model, clip):
+    pipe = model.pipeline()
+    kwargs = dict(video=clip, prompt="sepia", num_inference_steps=6, strength=0.5, output_type="latent")
+    plain = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    with lipcodec.apply(pipe, "intra"):
+        intra = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    assert torch.equal(plain, intra)  # the all-intra plan is the unpatched model, bit for bit
+    with lipcodec.apply(pipe, "lipar", recovery="duplicate", target_kept=0.6) as codec:
+        pruned = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+        assert codec.stats.calls == 3 and codec.plan.kept_ratio < 0.8
+    assert torch.isfinite(pruned).all() and not torch.equal(pruned, plain)
+    psnr = 10 * torch.log10(plain.pow(2).mean() / (pruned - plain).pow(2).mean())
+    assert psnr > 5  # measured 8.6 dB (latent PSNR) at 64x112; pixel fidelity: docs/model-card.md
+
+
+def test_streaming_chunk_causal(model, clip):
+    from lipcodec.streaming import StreamConfig, StreamRunner
+
+    z = model.encode(read_video(fixtures.bundled_clip(), size=(64, 112), max_frames=25, progress=False).frames)
+    runner = StreamRunner(model.transformer, model.embed("grayscale"), StreamConfig.editing(shift=1.0), planner="lipar",
+                          target_kept=0.6)
+    chunks = list(runner.run([z[:, :, :3], z[:, :, 3:]]))
+    assert [c.latents.shape[2] for c in chunks] == [3, 3, 1]
+    out = model.decode(torch.cat([c.latents for c in chunks], 2))
+    assert out.shape == (25, 64, 112, 3)
+    assert chroma(_float(out)) < 0.35 * chroma(_float(read_video(fixtures.bundled_clip(), size=(64, 112),
+                                                                  max_frames=25, progress=False).frames))
