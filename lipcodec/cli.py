@@ -265,7 +265,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model, the prompt and the SDEdit settings."""
     parser.add_argument(
         "--model", default="reference", metavar="DIR",
-        help="local diffusers Wan pipeline folder (model_index.json); 'reference' = the embedded model (not available yet)",
+        help="local diffusers Wan pipeline folder (model_index.json), or 'reference' (default): the embedded model",
     )
     parser.add_argument("--prompt", help="edit prompt (needs a text encoder in the model; else --prompt-embeds)")
     parser.add_argument("--negative-prompt", help="negative prompt (with a text encoder)")
@@ -276,7 +276,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--strength", type=float, default=0.6, help="SDEdit strength in (0, 1] (default 0.6)")
     parser.add_argument("--steps", type=int, default=10, help="scheduler steps at strength 1 (default 10)")
-    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (default: the model's; 5 for Wan pipelines, 1 = off for reference)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", help="transformer dtype: float32, bfloat16, float16")
@@ -373,7 +374,7 @@ def add_edit(subparsers) -> None:
         help="edit a video with a video DiT, computing only the tokens the plan keeps",
         description="SDEdit IN with a Wan video-to-video pipeline under a lipcodec plan; write OUT.",
     )
-    parser.add_argument("video", metavar="IN", help="input video")
+    parser.add_argument("video", nargs="?", metavar="IN", help="input video (default: the bundled Big Buck Bunny clip)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output video (.mp4 H.264, .mkv lossless FFV1)")
     add_model_args(parser)
     add_plan_args(parser)
@@ -387,6 +388,7 @@ def cmd_edit(args) -> int:
     from .editing import edit, parse_bytes
     from .video import write_video
 
+    args.video = args.video or _bundled()
     out = check_output(args.output, args.video, "-o")
     codec = VIDEO_SUFFIXES.get(out.suffix.lower())
     if codec is None:

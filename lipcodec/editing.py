@@ -21,9 +21,10 @@ a folder with model_index.json  ``DiffusionPipeline.from_pretrained(folder)``, l
                                 only; prompt embeddings may sit next to it in
                                 ``prompt_embeds.safetensors`` (for pipelines saved without a
                                 text encoder)
-``"reference"``                 the embedded reference model: not available yet
-a checkpoint file (.pt, .pth,   a Self-Forcing / CausVid streaming checkpoint: the
-.ckpt, .safetensors, .bin)      streaming runner is not available yet
+``"reference"``                 the embedded reference model (:mod:`lipcodec.models`; guidance
+                                defaults to 1: off)
+a checkpoint file (.pt, .pth,   a Self-Forcing / CausVid streaming checkpoint: not wired
+.ckpt, .safetensors, .bin)      into edit yet (use lipcodec.StreamRunner directly)
 ==============================  ==========================================================
 """
 
@@ -69,6 +70,7 @@ class Model:
     prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds: torch.Tensor | None = None
     embeds_prompt: str | None = None  # the prompt the saved embeddings were made from, if recorded
+    guidance_scale: float = 5.0  # the model's default classifier-free guidance
 
 
 def _not_available(what: str) -> EditError:
@@ -108,10 +110,16 @@ def load_model(model, *, device: str | None = None, dtype: torch.dtype | str | N
 def _load_path(model) -> Model:
     text = str(model)
     path = Path(model)
-    if text == "reference":
-        raise _not_available("the embedded reference model ('reference')")
+    if text == "reference":  # trained without classifier-free guidance in mind: default 1 (off)
+        from . import models
+
+        return Model(models.reference().pipeline(), "reference", guidance_scale=1.0)
     if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        raise _not_available(f"{path} looks like a Self-Forcing/CausVid checkpoint; the streaming runner")
+        raise EditError(
+            f"{path} looks like a Self-Forcing/CausVid checkpoint; editing with one is not wired into "
+            "lipcodec.edit yet: load it with lipcodec.checkpoints.load_wan_checkpoint and stream with "
+            "lipcodec.StreamRunner (docs/streaming.md), or pass a local diffusers Wan pipeline folder"
+        )
     if path.is_file():
         raise EditError(f"model {path} is a file, not a diffusers pipeline folder: pass the folder with model_index.json")
     if not path.exists():
@@ -612,6 +620,10 @@ def _check_settings(strength, steps, guidance_scale):
 def _embeddings(model: Model, prompt, prompt_embeds, negative_prompt_embeds, negative_prompt):
     """Keyword arguments for the pipeline's text inputs, or a clear error."""
     pipe = model.pipe
+    vocabulary = getattr(pipe, "vocabulary", None)  # a word-conditioned model (the embedded one)
+    for word in (prompt, negative_prompt):
+        if vocabulary is not None and word is not None and str(word).strip().lower() not in (*vocabulary, ""):
+            raise EditError(f"unknown edit word {word!r}: the {model.source} model knows {', '.join(vocabulary)}")
     has_encoder = getattr(pipe, "text_encoder", None) is not None and getattr(pipe, "tokenizer", None) is not None
     if isinstance(prompt_embeds, (str, os.PathLike)):
         prompt_embeds, negative_prompt_embeds, embeds_prompt = load_prompt_embeds(prompt_embeds)
@@ -712,7 +724,7 @@ def edit(
     restore: str = "copy",
     seed: int = 0,
     reference: bool = False,
-    guidance_scale: float = 5.0,
+    guidance_scale: float | None = None,
     negative_prompt: str | None = None,
     prompt_embeds=None,
     negative_prompt_embeds: torch.Tensor | None = None,
@@ -870,15 +882,16 @@ class Session:
 
 def prepare(
     video, model, *, prompt=None, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
-    strength: float = 0.6, steps: int = 10, guidance_scale: float = 5.0, seed: int = 0, device=None, dtype=None,
+    strength: float = 0.6, steps: int = 10, guidance_scale: float | None = None, seed: int = 0, device=None, dtype=None,
     fps=None, size=None, max_frames=None, memory_limit=None, progress: bool = False, motion: bool = False,
 ) -> Session:
     """Check settings, resolve the model and prompt, estimate memory (from the file header
     before decoding, then from the frames), decode. Raises :class:`EditError` and friends."""
-    _check_settings(strength, steps, guidance_scale)
+    _check_settings(strength, steps, 1.0 if guidance_scale is None else guidance_scale)
     if isinstance(video, (str, os.PathLike)) and not Path(video).exists():
         raise FileNotFoundError(f"no video at {video}: check the path")
     resolved = load_model(model, device=device, dtype=dtype)
+    guidance_scale = resolved.guidance_scale if guidance_scale is None else guidance_scale
     pipe = resolved.pipe
     text = _embeddings(resolved, prompt, prompt_embeds, negative_prompt_embeds, negative_prompt)
     dev = pipe.transformer.device

@@ -77,11 +77,12 @@ def test_edit_takes_a_ready_plan_and_checks_its_grid(clip, embeds):
 
 
 def test_model_resolution_table(tmp_path, model_dir):
-    with pytest.raises(EditError, match="embedded reference model .* not available yet"):
-        load_model("reference")
+    embedded = load_model("reference")
+    assert embedded.source == "reference" and embedded.guidance_scale == 1.0
+    assert type(embedded.pipe.transformer).__name__ == "WanTransformer3DModel"
     ckpt = tmp_path / "self_forcing.pt"
     ckpt.write_bytes(b"\0" * 16)
-    with pytest.raises(EditError, match="Self-Forcing/CausVid checkpoint; the streaming runner is not available yet"):
+    with pytest.raises(EditError, match="Self-Forcing/CausVid checkpoint; editing with one is not wired"):
         load_model(ckpt)
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_model("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
