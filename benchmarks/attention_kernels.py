@@ -40,6 +40,21 @@ def main():
             except RuntimeError:
                 row.append(f"{'n/a':>9}")
         print(f"{backend.name:<18} " + " ".join(row))
+    # D=128 with the per-key bias as a stride-0 expanded attn_mask view (no (Sq, Sk) memory)
+    for sk in (16384, 16380):
+        q, k, v = (torch.randn(1, h, sk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        bias = torch.rand(sk, device="cuda", dtype=torch.bfloat16).log1p()
+        mask = bias.view(1, 1, 1, sk).expand(1, h, sk, sk)
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            try:
+                with sdpa_kernel(backend):
+                    ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+                extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+                print(f"{backend.name:<18} D=128 + expanded bias, S={sk}: {ms:6.2f} ms, peak extra {extra:7.1f} MiB")
+            except RuntimeError as error:
+                print(f"{backend.name:<18} D=128 + expanded bias, S={sk}: n/a ({str(error)[:80]})")
     # FlexAttention at D=128 with the log-multiplicity bias as a per-key score_mod (compiled)
     from torch.nn.attention.flex_attention import flex_attention
 
