@@ -154,7 +154,8 @@ class Reference(nn.Module):
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         model.eval().requires_grad_(False)
         model.to(device)
-        model.transformer.to(dtype)
+        if dtype != model.transformer.dtype:  # diffusers warns on any dtype .to(), even a no-op
+            model.transformer.to(dtype)
         return model
 
 
