@@ -27,29 +27,18 @@ import torch
 from diffusers import WanTransformer3DModel
 
 import lipcodec
-from lipcodec import Grid, Plan, Schedule
+from lipcodec import Grid, Plan
+from lipcodec.testing import TINY_WAN as TINY
+from lipcodec.testing import WAN_1_3B, same_place_plan
 from lipcodec.attention import RECOVERY_MODES
 
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-    eps=1e-6, rope_max_seq_len=1024,
-)
-TINY = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
-    freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-)
 
 
-def same_place_plan(grid: Grid, kept: float, seed: int = 0) -> Plan:
-    """Frame 0 computed; elsewhere a seeded random share reuses the previous frame's same-place token."""
-    g = torch.Generator().manual_seed(seed)
-    source = torch.arange(grid.size)
-    rest = torch.arange(grid.tokens_per_frame, grid.size)
-    reuse_share = min(1.0, (1 - kept) * grid.size / rest.numel())
-    reused = rest[torch.rand(rest.numel(), generator=g) < reuse_share]
-    source[reused] = reused - grid.tokens_per_frame
-    return Plan(grid, source, Schedule.parse("I" + "P" * (grid.frames - 1)), meta={"planner": "same-place"})
+def plan_with_kept(grid: Grid, kept: float, seed: int = 0) -> Plan:
+    """Frame 0 computed; the other frames' tokens reuse the previous frame's token at a
+    share that leaves ``kept`` of all tokens computed."""
+    reuse = min(1.0, (1 - kept) * grid.size / (grid.size - grid.tokens_per_frame))
+    return same_place_plan(grid, reuse, seed)
 
 
 def kept_only_forward(model, x, t, text, keep):
@@ -132,7 +121,7 @@ def main(argv=None):
         with lipcodec.apply(model, Plan.identity(grid), restore=args.restore):
             record("intra (hook overhead)", 1.0, None, forward)
         for kept in args.kept:
-            plan = same_place_plan(grid, kept)
+            plan = plan_with_kept(grid, kept)
             for recovery in args.modes:
                 with lipcodec.apply(model, plan, recovery=recovery, restore=args.restore) as codec:
                     codec.prime(x, text)  # clean: the t=0 pass, once per video (not timed)

@@ -42,17 +42,10 @@ from einops import rearrange
 from lipcodec import fixtures
 from lipcodec.fidelity import latent_psnr
 from lipcodec.streaming import StreamConfig, StreamRunner
+from lipcodec.testing import TINY_WAN as TINY
+from lipcodec.testing import WAN_1_3B
 from lipcodec.video import pixel_proxy_latents, read_video
 
-WAN_1_3B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-    eps=1e-6, rope_max_seq_len=1024,
-)
-TINY = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
-    freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-)
 
 
 def clip_latents(frames: int, size: tuple[int, int]) -> torch.Tensor:

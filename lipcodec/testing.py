@@ -31,8 +31,8 @@ import attrs
 import numpy as np
 import torch
 
-from .gop import GOP
-from .plan import Plan, PlanError
+from .gop import GOP, Schedule
+from .plan import Grid, Plan, PlanError
 from .planners import MotionField, PlanContext, Planner, get
 
 #: GOP labels and settings every planner is checked under ("default" is ``GOP()``).
@@ -78,6 +78,30 @@ def standard_clips(
     cut = torch.cat([scene_a.expand(-1, cut_at, -1, -1), scene_b.expand(-1, frames - cut_at, -1, -1)], 1)
     noise = randn(channels, frames, height, width)
     return {name: x.contiguous() for name, x in {"still": still, "pan": pan, "cut": cut, "noise": noise}.items()}
+
+
+# Transformer configs (diffusers WanTransformer3DModel kwargs) for tests and benchmarks
+WAN_1_3B = dict(  # Wan2.1-T2V-1.3B: 12 heads x 128, 30 blocks (random weights in benchmarks)
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)
+TINY_WAN = dict(  # diffusers' own tiny Wan test config, with Wan's 16 latent channels
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
+    freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+)
+
+
+def same_place_plan(grid, reuse: float, seed: int = 0) -> Plan:
+    """Frame 0 computed; a seeded share ``reuse`` of the other tokens reuses the same-place
+    token of the previous frame (schedule ``IPP...P``). For executor tests and benchmarks."""
+    grid = Grid.of(grid)
+    g = torch.Generator().manual_seed(seed)
+    source = torch.arange(grid.size)
+    ids = torch.arange(grid.tokens_per_frame, grid.size)
+    reused = ids[torch.rand(ids.numel(), generator=g) < reuse]
+    source[reused] = reused - grid.tokens_per_frame
+    return Plan(grid, source, Schedule.parse("I" + "P" * (grid.frames - 1)), meta={"planner": "same-place"})
 
 
 def standard_motion(name: str, frames: int = 9, height: int = 8, width: int = 12) -> MotionField:

@@ -21,7 +21,8 @@ from einops import rearrange  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import lipcodec  # noqa: E402
-from lipcodec import Grid, Plan, Schedule  # noqa: E402
+import lipcodec.testing  # noqa: E402
+from lipcodec import Grid, Plan  # noqa: E402
 from lipcodec.attention import RECOVERY_MODES, fold_log_multiplicity  # noqa: E402
 from lipcodec.executor import adapters, apply, remove  # noqa: E402
 
@@ -47,13 +48,7 @@ def inputs():
 
 def reuse_plan(grid, frac=0.5, seed=0) -> Plan:
     """Reuse the same-place token of the previous frame for a random share of P-frame tokens."""
-    grid = Grid.of(grid)
-    g = torch.Generator().manual_seed(seed)
-    source = torch.arange(grid.size)
-    ids = torch.arange(grid.tokens_per_frame, grid.size)
-    reused = ids[torch.rand(ids.numel(), generator=g) < frac]
-    source[reused] = reused - grid.tokens_per_frame
-    return Plan(grid, source, Schedule.parse("I" + "P" * (grid.frames - 1)))
+    return lipcodec.testing.same_place_plan(grid, frac, seed)
 
 
 def tokens(x, patch=(1, 2, 2)):

@@ -10,18 +10,14 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from lipcodec import Grid, Plan, Schedule, fidelity  # noqa: E402
+import lipcodec.testing  # noqa: E402
+from lipcodec import Plan, fidelity  # noqa: E402
 from lipcodec.attention import RECOVERY_MODES  # noqa: E402
 
 
 def same_place_plan(grid, frac=0.5, seed=0) -> Plan:
-    grid = Grid.of(grid)
-    g = torch.Generator().manual_seed(seed)
-    source = torch.arange(grid.size)
-    ids = torch.arange(grid.tokens_per_frame, grid.size)
-    reused = ids[torch.rand(ids.numel(), generator=g) < frac]
-    source[reused] = reused - grid.tokens_per_frame
-    return Plan(grid, source, Schedule.parse("I" + "P" * (grid.frames - 1)))
+    """Reuse the same-place token of the previous frame for a random share of P-frame tokens."""
+    return lipcodec.testing.same_place_plan(grid, frac, seed)
 
 
 @pytest.fixture(scope="module")
