@@ -381,6 +381,12 @@ def add_edit(subparsers) -> None:
     add_recovery_args(parser)
     parser.add_argument("--reference", action="store_true", help="also run unpruned (same noise) and report fidelity")
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' = stdout)")
+    parser.add_argument(
+        "--stream", action="store_true",
+        help="stream chunk by chunk (chunk-causal, KV cache; the embedded model): --steps steps from --strength",
+    )
+    parser.add_argument("--first-chunk", default="full", choices=("full", "prune"),
+                        help="with --stream: compute chunk 0 in full (default) or prune it as LIPAR does")
     parser.set_defaults(func=cmd_edit)
 
 
@@ -395,6 +401,8 @@ def cmd_edit(args) -> int:
         raise UsageError(f"-o {out}: unknown video type {out.suffix or '(none)'}; use .mp4 (H.264) or .mkv (lossless)")
     _check_json_target(args.json, args.video)
     planner, gop = build_planner(args)
+    if args.stream:
+        return _edit_stream(args, out, codec, planner, gop)
     result = edit(
         args.video, args.model, prompt=args.prompt, negative_prompt=args.negative_prompt,
         prompt_embeds=args.prompt_embeds, strength=args.strength, steps=args.steps, planner=planner, gop=gop,
@@ -408,6 +416,27 @@ def cmd_edit(args) -> int:
     if not args.quiet and args.json != "-":
         print(result.report.table())
         print(f"wrote    {out}")
+    write_json(args.json, report)
+    return 0
+
+
+def _edit_stream(args, out, codec, planner, gop) -> int:
+    from .editing import edit_stream
+    from .video import write_video
+
+    result = edit_stream(
+        args.video, args.model, prompt=args.prompt, strength=args.strength, steps=args.steps, planner=planner,
+        gop=gop, recovery=args.recovery, first_chunk=args.first_chunk, seed=args.seed, reference=args.reference,
+        fps=args.fps, size=args.size, max_frames=args.max_frames, progress=not args.quiet,
+    )
+    write_video(out, result.frames, result.fps, codec=codec, protect=[args.video], progress=not args.quiet)
+    if not args.quiet and args.json != "-":
+        print(result.table())
+        print(f"wrote    {out}")
+    report = {
+        "input": str(args.video), "output": str(out), "stream": True, "kept_ratio": result.kept_ratio,
+        "chunk_seconds": list(result.chunk_seconds), "plan_seconds": result.plan_seconds, "fidelity": result.fidelity,
+    }
     write_json(args.json, report)
     return 0
 

@@ -1012,3 +1012,88 @@ __all__ = [
     "available_memory", "check_memory", "edit", "estimate_memory", "fidelity_of", "load_model", "load_prompt_embeds",
     "parse_bytes", "prepare", "run_pipeline", "save_prompt_embeds", "save_tiny_model",
 ]
+
+
+# -- streaming edits -------------------------------------------------------------------------------
+@attrs.frozen
+class StreamEdit:
+    """A streamed edit: frames, and per chunk what it kept and cost."""
+
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    fps: float
+    kept_ratio: float
+    chunk_seconds: tuple[float, ...]  # per chunk, planning included
+    plan_seconds: float
+    fidelity: dict | None  # vs an unpruned stream from the same noise (reference=True)
+
+    def table(self) -> str:
+        total = sum(self.chunk_seconds)
+        lines = [
+            f"stream   {len(self.chunk_seconds)} chunks, kept {self.kept_ratio:.1%} of tokens",
+            f"time     {total:.2f} s denoising ({len(self.frames) / total:.1f} output frames/s), "
+            f"{self.plan_seconds:.2f} s of it planning; per chunk "
+            + " ".join(f"{1e3 * s:.0f}ms" for s in self.chunk_seconds),
+        ]
+        if self.fidelity is not None:
+            f = self.fidelity
+            lines.append(f"fidelity vs unpruned stream: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f}, "
+                         f"latent PSNR {f['latent_psnr']:.2f} dB, speed-up {f['speedup']:.2f}x")
+        return "\n".join(lines)
+
+
+def edit_stream(
+    video, model="reference", *, prompt: str, strength: float = 0.5, steps: int = 4, planner="lipar",
+    gop=None, recovery: str = "clean", first_chunk: str = "full", seed: int = 0, reference: bool = False,
+    fps=None, size=None, max_frames=None, progress: bool = False, **plan_kwargs,
+) -> StreamEdit:
+    """Edit ``video`` chunk by chunk with a chunk-causal model and :class:`lipcodec.StreamRunner`.
+
+    Only the embedded reference model is chunk-causal here (it was trained with clean-cache
+    chunks). Its autoencoder encodes the whole clip once; the DiT then streams the latents
+    in chunks of 3 latent frames: ``steps`` steps from ``strength`` x 1000 down (no flow
+    shift, as the model was trained), a clean pass per chunk, a KV cache of sink 1 + window 6.
+    """
+    from .streaming import StreamConfig, StreamRunner
+
+    if str(model) != "reference":
+        raise EditError(
+            f"--stream needs a chunk-causal model; {model} is not wired for it yet: use --model reference, or "
+            "lipcodec.StreamRunner with a Self-Forcing checkpoint (lipcodec.checkpoints.load_wan_checkpoint)"
+        )
+    _check_settings(strength, steps, 1.0)
+    from . import models
+
+    ref = models.reference()
+    try:
+        embeds = ref.embed(prompt)
+    except ValueError as error:
+        raise EditError(str(error)) from None
+    if not isinstance(video, Video):
+        video = read_video(video, fps=fps, size=size, max_frames=max_frames, fit="wan", progress=progress)
+    latents = ref.encode(video.frames)  # (1, 16, F, h, w)
+    timesteps = tuple(1000.0 * strength * (steps - i) / steps for i in range(steps))
+    config = StreamConfig(timesteps=timesteps, shift=1.0, recovery=recovery, first_chunk=first_chunk, seed=seed)
+
+    def stream(plan_with):
+        runner = StreamRunner(ref.transformer, embeds, config, planner=plan_with, gop=gop, **plan_kwargs)
+        chunks = list(runner.run([latents]))
+        return torch.cat([c.latents for c in chunks], 2), chunks
+
+    with torch.no_grad():
+        out, chunks = stream(planner)
+        fidelity = None
+        if reference:
+            full, full_chunks = stream("intra")
+            pixels, ref_pixels = ref.decode(out), ref.decode(full)
+            lat = metrics.latent_error(full, out)
+            fidelity = {
+                "psnr": metrics.mean_db(metrics.psnr(ref_pixels / 255.0, pixels / 255.0)),
+                "ssim": float(metrics.ssim(ref_pixels / 255.0, pixels / 255.0).mean()),
+                "latent_psnr": lat.psnr,
+                "speedup": sum(c.seconds for c in full_chunks) / sum(c.seconds for c in chunks),
+            }
+    kept = sum(c.kept for c in chunks) / sum(c.tokens for c in chunks)
+    return StreamEdit(
+        ref.decode(out), video.fps, kept, tuple(c.seconds for c in chunks), sum(c.plan_seconds for c in chunks),
+        fidelity,
+    )
