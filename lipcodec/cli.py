@@ -21,6 +21,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+from .atomic import publish
+
 
 
 class UsageError(Exception):
@@ -143,7 +145,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

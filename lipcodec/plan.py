@@ -19,6 +19,7 @@ import attrs
 import numpy as np
 import torch
 
+from .atomic import publish
 from .gop import Schedule
 
 
@@ -239,7 +240,7 @@ class Plan:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez_compressed(f, **arrays)
-            os.replace(tmp, path)
+            publish(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

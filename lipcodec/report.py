@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import metrics
+from .atomic import publish
 from .editing import Session, fidelity_of, gop_label, parse_gop, to_uint8
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -297,7 +298,7 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
-    os.replace(tmp, path)
+    publish(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from einops import rearrange, reduce
 
+from .atomic import publish
 from .planners.registry import MotionField
 
 BLOCK = 16  # H.264 macroblock = one Wan token footprint (8x VAE x 2x patch)
@@ -471,7 +472,7 @@ def write_video(
     tmp = Path(tmp_name)
     try:
         _encode(tmp, frames, fps, codec, options, progress)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -545,7 +546,7 @@ def _replace_dir(tmp: Path, path: Path) -> None:
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         os.replace(path, old)
-    os.replace(tmp, path)
+    publish(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

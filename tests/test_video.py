@@ -357,3 +357,20 @@ def test_pixel_proxy_errors():
         pixel_proxy_latents(np.zeros((5, 20, 16, 3), np.uint8))
     with pytest.raises(ValueError, match=r"must be \(T, H, W, 3\)"):
         pixel_proxy_latents(np.zeros((5, 16, 16), np.uint8))
+
+
+def test_outputs_get_ordinary_permissions_not_the_temp_files_private_ones(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); published outputs must not."""
+    import os
+
+    from lipcodec import Plan
+
+    mask = os.umask(0)
+    os.umask(mask)
+    frames = np.zeros((5, 32, 32, 3), np.uint8)
+    video = write_video(tmp_path / "v.mp4", frames, 16)
+    pngs = write_video(tmp_path / "frames", frames, 16, codec="png")
+    plan = Plan.identity((2, 2, 2)).save(tmp_path / "p.npz")
+    assert (video.stat().st_mode & 0o777) == 0o666 & ~mask
+    assert (plan.stat().st_mode & 0o777) == 0o666 & ~mask
+    assert (pngs.stat().st_mode & 0o777) == 0o777 & ~mask
