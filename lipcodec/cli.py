@@ -389,6 +389,8 @@ def add_edit(subparsers) -> None:
     )
     parser.add_argument("--first-chunk", default="full", choices=("full", "prune"),
                         help="with --stream: compute chunk 0 in full (default) or prune it as LIPAR does")
+    parser.add_argument("--vae", metavar="DIR",
+                        help="with --stream and a Self-Forcing/CausVid checkpoint as --model: a local Wan VAE folder")
     parser.set_defaults(func=cmd_edit)
 
 
@@ -429,7 +431,8 @@ def _edit_stream(args, out, codec, planner, gop) -> int:
     result = edit_stream(
         args.video, args.model, prompt=args.prompt, strength=args.strength, steps=args.steps, planner=planner,
         gop=gop, recovery=args.recovery, first_chunk=args.first_chunk, seed=args.seed, reference=args.reference,
-        fps=args.fps, size=args.size, max_frames=args.max_frames, progress=not args.quiet,
+        vae=args.vae, prompt_embeds=args.prompt_embeds, fps=args.fps, size=args.size, max_frames=args.max_frames,
+        progress=not args.quiet,
     )
     write_video(out, result.frames, result.fps, codec=codec, protect=[args.video], progress=not args.quiet)
     if not args.quiet and args.json != "-":

@@ -23,8 +23,8 @@ a folder with model_index.json  ``DiffusionPipeline.from_pretrained(folder)``, l
                                 text encoder)
 ``"reference"``                 the embedded reference model (:mod:`lipcodec.models`; guidance
                                 defaults to 1: off)
-a checkpoint file (.pt, .pth,   a Self-Forcing / CausVid streaming checkpoint: not wired
-.ckpt, .safetensors, .bin)      into edit yet (use lipcodec.StreamRunner directly)
+a checkpoint file (.pt, .pth,   a Self-Forcing / CausVid streaming checkpoint: edited by
+.ckpt, .safetensors, .bin)      :func:`edit_stream` (``lipcodec edit --stream``) with a Wan VAE
 ==============================  ==========================================================
 """
 
@@ -116,9 +116,8 @@ def _load_path(model) -> Model:
         return Model(models.reference().pipeline(), "reference", guidance_scale=1.0)
     if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
         raise EditError(
-            f"{path} looks like a Self-Forcing/CausVid checkpoint; editing with one is not wired into "
-            "lipcodec.edit yet: load it with lipcodec.checkpoints.load_wan_checkpoint and stream with "
-            "lipcodec.StreamRunner (docs/streaming.md), or pass a local diffusers Wan pipeline folder"
+            f"{path} looks like a Self-Forcing/CausVid checkpoint, a chunk-causal model: edit with it by streaming "
+            "(`lipcodec edit --stream --model CKPT --vae DIR --prompt-embeds FILE`, or lipcodec.editing.edit_stream)"
         )
     if path.is_file():
         raise EditError(f"model {path} is a file, not a diffusers pipeline folder: pass the folder with model_index.json")
@@ -1042,40 +1041,66 @@ class StreamEdit:
 
 
 def edit_stream(
-    video, model="reference", *, prompt: str, strength: float = 0.5, steps: int = 4, planner="lipar",
-    gop=None, recovery: str = "clean", first_chunk: str = "full", seed: int = 0, reference: bool = False,
-    fps=None, size=None, max_frames=None, progress: bool = False, **plan_kwargs,
+    video, model="reference", *, prompt: str | None = None, strength: float = 0.5, steps: int = 4,
+    planner="lipar", gop=None, recovery: str = "clean", first_chunk: str = "full", seed: int = 0,
+    reference: bool = False, vae=None, prompt_embeds=None, fps=None, size=None, max_frames=None,
+    progress: bool = False, **plan_kwargs,
 ) -> StreamEdit:
     """Edit ``video`` chunk by chunk with a chunk-causal model and :class:`lipcodec.StreamRunner`.
 
-    Only the embedded reference model is chunk-causal here (it was trained with clean-cache
-    chunks). Its autoencoder encodes the whole clip once; the DiT then streams the latents
-    in chunks of 3 latent frames: ``steps`` steps from ``strength`` x 1000 down (no flow
-    shift, as the model was trained), a clean pass per chunk, a KV cache of sink 1 + window 6.
+    ``model`` is ``"reference"`` (the embedded model, trained with clean-cache chunks; the
+    prompt is a word of its vocabulary) or a Self-Forcing/CausVid generator checkpoint in the
+    original Wan key layout (then ``vae`` is a local diffusers ``AutoencoderKLWan`` folder and
+    ``prompt_embeds`` a safetensors file of text embeddings; nothing is downloaded; a
+    diffusers ``config.json`` beside the checkpoint overrides the config read off the weights). The
+    clip is encoded once; the DiT streams the latents in chunks of 3 latent frames:
+    ``steps`` steps from ``strength`` x 1000 down (flow shift 1 for the embedded model, 5 for
+    Self-Forcing), a clean pass per chunk, a KV cache of sink 1 + window 6.
     """
     from .streaming import StreamConfig, StreamRunner
 
-    if str(model) != "reference":
-        raise EditError(
-            f"--stream needs a chunk-causal model; {model} is not wired for it yet: use --model reference, or "
-            "lipcodec.StreamRunner with a Self-Forcing checkpoint (lipcodec.checkpoints.load_wan_checkpoint)"
-        )
     _check_settings(strength, steps, 1.0)
-    from . import models
-
-    ref = models.reference()
-    try:
-        embeds = ref.embed(prompt)
-    except ValueError as error:
-        raise EditError(str(error)) from None
     if not isinstance(video, Video):
         video = read_video(video, fps=fps, size=size, max_frames=max_frames, fit="wan", progress=progress)
-    latents = ref.encode(video.frames)  # (1, 16, F, h, w)
+    if str(model) == "reference":
+        from . import models
+
+        ref = models.reference()
+        try:
+            embeds = ref.embed(prompt)
+        except ValueError as error:
+            raise EditError(str(error)) from None
+        transformer, shift, encode, decode = ref.transformer, 1.0, ref.encode, ref.decode
+    elif isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in CHECKPOINT_SUFFIXES:
+        if not Path(model).is_file():
+            raise FileNotFoundError(f"no checkpoint at {model}: check the path")
+        if vae is None or prompt_embeds is None:
+            raise EditError(
+                f"streaming {Path(model).name} needs the Wan VAE and the text embeddings the checkpoint does not "
+                "carry: pass --vae DIR (a local AutoencoderKLWan folder) and --prompt-embeds FILE"
+            )
+        from .checkpoints import CheckpointError, load_wan_checkpoint
+
+        beside = Path(model).parent / "config.json"  # a diffusers transformer config, if the shapes are not Wan's
+        config = {k: v for k, v in json.loads(beside.read_text()).items() if not k.startswith("_")} if beside.is_file() else None
+        try:
+            transformer = load_wan_checkpoint(model, config=config).eval()
+        except CheckpointError as error:
+            raise EditError(f"{model}: {error}") from None
+        embeds = load_prompt_embeds(prompt_embeds)[0].to(transformer.dtype)
+        shift = 5.0
+        encode, decode = _wan_vae_codec(vae)
+    else:
+        raise EditError(
+            f"--stream needs a chunk-causal model; {model} is neither 'reference' nor a Self-Forcing/CausVid "
+            "checkpoint file: use --model reference, or a .pt/.safetensors generator with --vae and --prompt-embeds"
+        )
+    latents = encode(video.frames)  # (1, 16, F, h, w)
     timesteps = tuple(1000.0 * strength * (steps - i) / steps for i in range(steps))
-    config = StreamConfig(timesteps=timesteps, shift=1.0, recovery=recovery, first_chunk=first_chunk, seed=seed)
+    config = StreamConfig(timesteps=timesteps, shift=shift, recovery=recovery, first_chunk=first_chunk, seed=seed)
 
     def stream(plan_with):
-        runner = StreamRunner(ref.transformer, embeds, config, planner=plan_with, gop=gop, **plan_kwargs)
+        runner = StreamRunner(transformer, embeds, config, planner=plan_with, gop=gop, **plan_kwargs)
         chunks = list(runner.run([latents]))
         return torch.cat([c.latents for c in chunks], 2), chunks
 
@@ -1084,7 +1109,7 @@ def edit_stream(
         fidelity = None
         if reference:
             full, full_chunks = stream("intra")
-            pixels, ref_pixels = ref.decode(out), ref.decode(full)
+            pixels, ref_pixels = decode(out), decode(full)
             lat = metrics.latent_error(full, out)
             fidelity = {
                 "psnr": metrics.mean_db(metrics.psnr(ref_pixels / 255.0, pixels / 255.0)),
@@ -1094,6 +1119,30 @@ def edit_stream(
             }
     kept = sum(c.kept for c in chunks) / sum(c.tokens for c in chunks)
     return StreamEdit(
-        ref.decode(out), video.fps, kept, tuple(c.seconds for c in chunks), sum(c.plan_seconds for c in chunks),
+        decode(out), video.fps, kept, tuple(c.seconds for c in chunks), sum(c.plan_seconds for c in chunks),
         fidelity,
     )
+
+
+def _wan_vae_codec(vae_dir):
+    """encode (frames -> normalised latents (1, C, F, h, w)) and decode (the inverse, uint8
+    frames) with a local diffusers ``AutoencoderKLWan`` folder, normalised as Wan pipelines do."""
+    from diffusers import AutoencoderKLWan
+
+    if not (Path(vae_dir) / "config.json").is_file():
+        raise EditError(f"--vae {vae_dir} is not a diffusers model folder (no config.json): pass an AutoencoderKLWan folder")
+    vae = AutoencoderKLWan.from_pretrained(str(vae_dir)).eval()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+
+    def encode(frames):
+        x = torch.as_tensor(np.asarray(frames)).float().permute(3, 0, 1, 2)[None] / 127.5 - 1.0  # (1, 3, T, H, W)
+        with torch.no_grad():
+            return (vae.encode(x).latent_dist.mode() - mean) / std
+
+    def decode(latents):
+        with torch.no_grad():
+            x = vae.decode(latents.float() * std + mean).sample[0]  # (3, T, H, W)
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+
+    return encode, decode

@@ -82,7 +82,7 @@ def test_model_resolution_table(tmp_path, model_dir):
     assert type(embedded.pipe.transformer).__name__ == "WanTransformer3DModel"
     ckpt = tmp_path / "self_forcing.pt"
     ckpt.write_bytes(b"\0" * 16)
-    with pytest.raises(EditError, match="Self-Forcing/CausVid checkpoint; editing with one is not wired"):
+    with pytest.raises(EditError, match="Self-Forcing/CausVid checkpoint, a chunk-causal model: edit with it by streaming"):
         load_model(ckpt)
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_model("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")

@@ -46,3 +46,35 @@ def test_stream_edit_bad_input_exits_2(tmp_path, capsys, extra, fragments):
     assert code == 2 and not out.exists()
     last = captured.err.strip().splitlines()[-1]
     assert "Traceback" not in captured.err and all(f in last for f in fragments)
+
+
+def test_stream_edit_with_a_self_forcing_checkpoint(tmp_path, capsys):
+    """A generator checkpoint in the original Wan layout + a local Wan VAE folder + embeddings."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from safetensors.torch import save_file
+    from test_checkpoints import original_name
+
+    from lipcodec.testing import TINY_WAN
+
+    torch.manual_seed(0)
+    generator = WanTransformer3DModel(**TINY_WAN)
+    generator.save_config(tmp_path)  # config.json beside it: the tiny heads are not Wan's 128 wide
+    ckpt = tmp_path / "self_forcing_dmd.pt"
+    torch.save({"generator_ema": {f"model.{original_name(k)}": v for k, v in generator.state_dict().items()}}, ckpt)
+    vae_dir = tmp_path / "vae"
+    AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                     temperal_downsample=[False, True, True]).save_pretrained(vae_dir)
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": torch.randn(1, 8, TINY_WAN["text_dim"])}, str(embeds))
+    out = tmp_path / "out.mp4"
+    common = ["edit", "--stream", "-o", str(out), "--model", str(ckpt), "--size", "64x64", "--steps", "2", "-q"]
+
+    assert main([*common, "--json", "-", "--vae", str(vae_dir), "--prompt-embeds", str(embeds)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["chunk_seconds"]) == 3 and report["kept_ratio"] <= 1.0
+    assert read_video(out, progress=False).frames.shape == (33, 64, 64, 3)
+
+    out.unlink()
+    assert main(common) == 2 and not out.exists()
+    assert "pass --vae DIR (a local AutoencoderKLWan folder) and --prompt-embeds FILE" in capsys.readouterr().err
