@@ -734,9 +734,14 @@ def edit(
     max_frames: int | None = None,
     memory_limit: int | None = None,
     progress: bool = False,
+    vae=None,
     **planner_params,
-) -> EditResult:
+) -> EditResult | StreamEdit:
     """Edit ``video`` with ``model``, computing only the tokens the plan keeps.
+
+    A Self-Forcing/CausVid checkpoint file as ``model`` is chunk-causal: it is streamed with
+    :func:`edit_stream` (``vae`` = a local Wan VAE folder, ``prompt_embeds`` required) and a
+    :class:`StreamEdit` comes back (frames, fps, kept ratio, per-chunk seconds, fidelity).
 
     Important:
         video: a path (decoded with :func:`lipcodec.video.read_video`, fitted to Wan's grid),
@@ -756,6 +761,12 @@ def edit(
         negative_prompt_embeds, device, dtype (transformer only), fps, size (H, W),
         max_frames, memory_limit (bytes; default: free memory on the device), progress.
     """
+    if isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in CHECKPOINT_SUFFIXES:
+        return edit_stream(
+            video, model, prompt=prompt, strength=strength, steps=steps, planner=planner, gop=gop,
+            recovery=recovery, seed=seed, reference=reference, vae=vae, prompt_embeds=prompt_embeds, fps=fps,
+            size=size, max_frames=max_frames, progress=progress, **planner_params,
+        )
     t_start = time.perf_counter()
     built = build_planner(planner, planner_params)
     check_modes(recovery, restore)
@@ -1087,7 +1098,8 @@ def edit_stream(
             transformer = load_wan_checkpoint(model, config=config).eval()
         except CheckpointError as error:
             raise EditError(f"{model}: {error}") from None
-        embeds = load_prompt_embeds(prompt_embeds)[0].to(transformer.dtype)
+        embeds = prompt_embeds if torch.is_tensor(prompt_embeds) else load_prompt_embeds(prompt_embeds)[0]
+        embeds = embeds.to(transformer.dtype)
         shift = 5.0
         encode, decode = _wan_vae_codec(vae)
     else:

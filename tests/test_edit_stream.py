@@ -75,6 +75,11 @@ def test_stream_edit_with_a_self_forcing_checkpoint(tmp_path, capsys):
     assert len(report["chunk_seconds"]) == 3 and report["kept_ratio"] <= 1.0
     assert read_video(out, progress=False).frames.shape == (33, 64, 64, 3)
 
+    import lipcodec
+
+    streamed = lipcodec.edit(out, ckpt, vae=vae_dir, prompt_embeds=embeds, size=(64, 64), steps=2)  # the Python API
+    assert type(streamed).__name__ == "StreamEdit" and streamed.frames.shape == (33, 64, 64, 3)
+
     out.unlink()
     assert main(common) == 2 and not out.exists()
     assert "pass --vae DIR (a local AutoencoderKLWan folder) and --prompt-embeds FILE" in capsys.readouterr().err
