@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .video import Video, VideoError, read_video
+from .video import Video, VideoError, read_video, wan_vae_codec
 
 PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
@@ -1101,7 +1101,9 @@ def edit_stream(
         embeds = prompt_embeds if torch.is_tensor(prompt_embeds) else load_prompt_embeds(prompt_embeds)[0]
         embeds = embeds.to(transformer.dtype)
         shift = 5.0
-        encode, decode = _wan_vae_codec(vae)
+        if not (Path(vae) / "config.json").is_file():
+            raise EditError(f"--vae {vae} is not a diffusers model folder (no config.json): pass an AutoencoderKLWan folder")
+        encode, decode = wan_vae_codec(vae)
     else:
         raise EditError(
             f"--stream needs a chunk-causal model; {model} is neither 'reference' nor a Self-Forcing/CausVid "
@@ -1119,42 +1121,17 @@ def edit_stream(
     with torch.no_grad():
         out, chunks = stream(planner)
         fidelity = None
+        frames = decode(out)
         if reference:
             full, full_chunks = stream("intra")
-            pixels, ref_pixels = decode(out), decode(full)
-            lat = metrics.latent_error(full, out)
-            fidelity = {
-                "psnr": metrics.mean_db(metrics.psnr(ref_pixels / 255.0, pixels / 255.0)),
-                "ssim": float(metrics.ssim(ref_pixels / 255.0, pixels / 255.0).mean()),
-                "latent_psnr": lat.psnr,
-                "speedup": sum(c.seconds for c in full_chunks) / sum(c.seconds for c in chunks),
-            }
+
+            def run(latents, pixels, chunks):
+                return Run(latents, pixels / 255.0, sum(c.seconds for c in chunks), calls=0)
+
+            fidelity = fidelity_of(run(full, decode(full), full_chunks), run(out, frames, chunks))
     kept = sum(c.kept for c in chunks) / sum(c.tokens for c in chunks)
     return StreamEdit(
-        decode(out), video.fps, kept, tuple(c.seconds for c in chunks), sum(c.plan_seconds for c in chunks),
+        frames, video.fps, kept, tuple(c.seconds for c in chunks), sum(c.plan_seconds for c in chunks),
         fidelity,
     )
 
-
-def _wan_vae_codec(vae_dir):
-    """encode (frames -> normalised latents (1, C, F, h, w)) and decode (the inverse, uint8
-    frames) with a local diffusers ``AutoencoderKLWan`` folder, normalised as Wan pipelines do."""
-    from diffusers import AutoencoderKLWan
-
-    if not (Path(vae_dir) / "config.json").is_file():
-        raise EditError(f"--vae {vae_dir} is not a diffusers model folder (no config.json): pass an AutoencoderKLWan folder")
-    vae = AutoencoderKLWan.from_pretrained(str(vae_dir)).eval()
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-
-    def encode(frames):
-        x = torch.as_tensor(np.asarray(frames)).float().permute(3, 0, 1, 2)[None] / 127.5 - 1.0  # (1, 3, T, H, W)
-        with torch.no_grad():
-            return (vae.encode(x).latent_dist.mode() - mean) / std
-
-    def decode(latents):
-        with torch.no_grad():
-            x = vae.decode(latents.float() * std + mean).sample[0]  # (3, T, H, W)
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
-
-    return encode, decode

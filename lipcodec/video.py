@@ -648,16 +648,30 @@ def pixel_proxy_latents(
     return latents
 
 
-def vae_latents(frames, vae_dir, *, device: str = "cpu", dtype=torch.float32) -> torch.Tensor:
-    """Encode frames with a local diffusers ``AutoencoderKLWan`` folder, normalised as
-    ``WanVideoToVideoPipeline`` does: ``(mode - latents_mean) / latents_std``. (C, F, H/8, W/8)."""
+def wan_vae_codec(vae_dir, *, device: str = "cpu", dtype=torch.float32):
+    """``(encode, decode)`` with a local diffusers ``AutoencoderKLWan`` folder, normalised as
+    ``WanVideoToVideoPipeline`` does: encode (T, H, W, 3) uint8 frames to
+    ``(mode - latents_mean) / latents_std`` of shape (1, C, F, H/8, W/8); decode back to uint8."""
     from diffusers import AutoencoderKLWan
 
     vae = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype).to(device).eval()
-    x = torch.as_tensor(np.asarray(frames)).to(device=device, dtype=dtype) / 127.5 - 1.0
-    x = rearrange(x, "t h w c -> 1 c t h w")
-    with torch.no_grad():
-        z = vae.encode(x).latent_dist.mode()
-    mean = torch.tensor(vae.config.latents_mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
-    return ((z - mean) / std)[0].float().cpu()
+    mean = torch.tensor(vae.config.latents_mean, dtype=dtype, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=dtype, device=device).view(1, -1, 1, 1, 1)
+
+    def encode(frames) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(frames)).to(device=device, dtype=dtype) / 127.5 - 1.0
+        with torch.no_grad():
+            return (vae.encode(rearrange(x, "t h w c -> 1 c t h w")).latent_dist.mode() - mean) / std
+
+    def decode(latents: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            x = vae.decode(latents.to(device, dtype) * std + mean).sample[0]  # (3, T, H, W)
+        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+    return encode, decode
+
+
+def vae_latents(frames, vae_dir, *, device: str = "cpu", dtype=torch.float32) -> torch.Tensor:
+    """Encode frames with a local diffusers ``AutoencoderKLWan`` folder (see :func:`wan_vae_codec`): (C, F, H/8, W/8)."""
+    encode, _ = wan_vae_codec(vae_dir, device=device, dtype=dtype)
+    return encode(frames)[0].float().cpu()
