@@ -242,6 +242,14 @@ def save_all(model, out: Path, state, final: bool):
 
 
 def load_resume(model, folder: Path):
+    """Continue from a previous --out folder (ae.pt, dit.pt) or from a reference .safetensors
+    file (e.g. the shipped weights: float16 copies of the same AE and EMA denoiser)."""
+    if folder.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        model.load_state_dict(Reference.load(folder).state_dict())
+        with safe_open(str(folder), "pt") as f:
+            return json.loads(f.metadata().get("training", "{}"))
     if (folder / "ae.pt").is_file():
         model.ae.load_state_dict(torch.load(folder / "ae.pt", map_location="cpu"))
     if (folder / "dit.pt").is_file():
@@ -258,7 +266,7 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=7.0, help="wall-clock budget, data loading included")
     p.add_argument("--ae-share", type=float, default=0.4, help="share of the budget for the autoencoder (both)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--resume", type=Path, default=None, help="a previous --out folder (ae.pt, dit.pt)")
+    p.add_argument("--resume", type=Path, default=None, help="a previous --out folder (ae.pt, dit.pt) or a reference .safetensors file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ae-lr", type=float, default=1e-3)

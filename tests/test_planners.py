@@ -256,3 +256,27 @@ def test_pooled_filters_equal_their_window_definitions():
     expected = windows(volume, (3, 3, 3)) @ (weights / weights.sum())
     assert torch.allclose(ops.causal_gaussian(volume), expected, atol=1e-6)
     assert torch.equal(ops.causal_median(volume), windows(volume, (3, 3, 3)).median(-1).values)
+
+
+@pytest.mark.parametrize("size", [(3, 3, 3), (2, 2, 2), (1, 3, 5), (3, 1, 1), (1, 1, 1), (3, 5, 5)])
+def test_median_network_equals_torch_median_over_windows(size):
+    """The selection network gives exactly torch.median's value (the lower middle for even
+    windows), ties and infinities included."""
+    from lipcodec.planners import ops
+
+    g = torch.Generator().manual_seed(1)
+    volume = (torch.rand(6, 7, 9, generator=g) * 4).round()  # many ties
+    volume[2, 3, 4], volume[4, 0, 0] = 1e6, -1e6
+    assert torch.equal(ops.causal_median(volume, size), ops._windows(volume, size).median(-1).values)
+
+
+@pytest.mark.parametrize("trim", [(0.2, 0.8), (0.0, 1.0), (0.1, 0.5)])
+def test_guard_bounds_decide_exactly_as_the_trimmed_distance(trim):
+    from lipcodec.planners import ops
+
+    g = torch.Generator().manual_seed(2)
+    for scale in (0.05, 1.0, 20.0):
+        a, b = torch.rand(4000, 64, generator=g) * scale, torch.rand(4000, 64, generator=g) * scale
+        for tau in (0.0, 0.05, 0.3, 1.0, 5.0):
+            exact = ops.trimmed_l1(a, b, *trim) <= tau
+            assert torch.equal(ops.trimmed_l1_within(a, b, tau, *trim), exact), (scale, tau)

@@ -31,6 +31,15 @@ def _triple(value) -> tuple[int, int, int]:
     return triple
 
 
+def _frames_of_pairs(tokens: torch.Tensor, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens[t] and tokens[r] for every pair, stacked; views without a copy when the pairs
+    are runs of consecutive frames at a fixed gap (the usual (t, t - 1) P-frame chain)."""
+    here, there = [t for t, _ in pairs], [r for _, r in pairs]
+    if all(b - a == 1 for a, b in zip(here, here[1:])) and len({t - r for t, r in pairs}) == 1:
+        return tokens[here[0] : here[-1] + 1], tokens[there[0] : there[-1] + 1]
+    return tokens[torch.tensor(here, device=tokens.device)], tokens[torch.tensor(there, device=tokens.device)]
+
+
 @register_planner("lipar")
 @attrs.frozen(kw_only=True)
 class Lipar(ReferencePlanner):
@@ -62,9 +71,7 @@ class Lipar(ReferencePlanner):
 
     def match_pairs(self, ctx: PlanContext, tokens: torch.Tensor, pairs) -> list[Match]:
         f, h, w, _ = tokens.shape
-        here = torch.tensor([t for t, _ in pairs], device=tokens.device)
-        there = torch.tensor([r for _, r in pairs], device=tokens.device)
-        distance = trimmed_l1(tokens[here], tokens[there], *self.trim).reshape(len(pairs), h * w)
+        distance = trimmed_l1(*_frames_of_pairs(tokens, pairs), *self.trim).reshape(len(pairs), h * w)
         place = torch.arange(h * w, device=tokens.device)
         return [Match(distance[k], r * h * w + place) for k, (_, r) in enumerate(pairs)]
 

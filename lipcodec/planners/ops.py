@@ -6,6 +6,9 @@ decision at frame t never depends on later frames (streaming-safe).
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +19,7 @@ def trimmed_l1(a: torch.Tensor, b: torch.Tensor, low: float = 0.2, high: float =
     a, b: (..., D) token vectors -> (...). Trimming ignores the few largest differences
     (noise, one flickering channel) and the many near-zero ones.
     """
-    d = (a - b).abs()  # (..., D)
+    d = (a - b).abs_()  # (..., D)
     n = d.shape[-1]
     lo, hi = int(low * n), max(int(high * n), int(low * n) + 1)
     # sum of ranks lo..hi-1 = total - (n - hi) largest - lo smallest; two top-k beat a full sort
@@ -26,6 +29,24 @@ def trimmed_l1(a: torch.Tensor, b: torch.Tensor, low: float = 0.2, high: float =
     if lo:
         trimmed = trimmed - d.topk(lo, dim=-1, largest=False, sorted=False).values.sum(-1)
     return trimmed / (hi - lo)
+
+
+def trimmed_l1_within(a: torch.Tensor, b: torch.Tensor, tau: float, low: float = 0.2, high: float = 0.8) -> torch.Tensor:
+    """``trimmed_l1(a, b) <= tau``, exactly, sorting only where cheap bounds cannot tell.
+
+    With n values, the lo smallest and n - hi largest dropped: the kept mean is at most the
+    mean of the n - lo largest, so at most sum / (n - lo); and at least the mean of the hi
+    smallest, so at least (sum - (n - hi) max) / hi. Most guard checks are far from tau.
+    """
+    d = (a - b).abs_()
+    n = d.shape[-1]
+    lo, hi = int(low * n), max(int(high * n), int(low * n) + 1)
+    total = d.sum(-1)
+    verdict = total <= tau * (n - lo)  # upper bound within tau
+    unsure = ~verdict & (total - (n - hi) * d.amax(-1) <= tau * hi)  # lower bound not above tau
+    if unsure.any():
+        verdict[unsure] = trimmed_l1(a[unsure], b[unsure], low, high) <= tau
+    return verdict
 
 
 def _pad(volume: torch.Tensor, size: tuple[int, int, int], causal: bool = True) -> torch.Tensor:
@@ -48,8 +69,55 @@ def _windows(volume: torch.Tensor, size: tuple[int, int, int], causal: bool = Tr
 
 
 def causal_median(volume: torch.Tensor, size=(3, 3, 3)) -> torch.Tensor:
-    """Median over a causal 3D window (replicate padding)."""
-    return _windows(volume, size).median(dim=-1).values
+    """Median over a causal 3D window (replicate padding); for an even window the lower of
+    the two middle values, as ``torch.median``.
+
+    A selection network instead of a per-token sort: Batcher's odd-even merge sort over the
+    window's shifted views, padded to a power of two with -inf/+inf, keeping only the
+    compare-exchanges that reach the median (157 of 191 for 3x3x3) - elementwise min/max
+    over whole volumes, about 3x faster on a CPU than ``median`` over stacked windows. On a
+    GPU, where 157 small kernels cost more than one, ``median`` over the windows.
+    """
+    if volume.is_cuda:
+        return _windows(volume, size).median(dim=-1).values
+    kt, kh, kw = size
+    f, h, w = volume.shape
+    x = _pad(volume, size)[0, 0]
+    values = [x[dt : dt + f, dy : dy + h, dx : dx + w] for dt in range(kt) for dy in range(kh) for dx in range(kw)]
+    k = len(values)
+    n = 1 << (k - 1).bit_length()
+    low = (n - k) // 2
+    values = [-math.inf] * low + values + [math.inf] * (n - k - low)  # constants need no work
+    for a, b in _median_network(n, low + (k - 1) // 2):
+        x, y = values[a], values[b]
+        if isinstance(x, float) or isinstance(y, float):  # +-inf against anything: known order
+            ordered = (isinstance(x, float) and x < 0) or (isinstance(y, float) and y > 0)
+            values[a], values[b] = (x, y) if ordered else (y, x)
+        else:
+            values[a], values[b] = torch.minimum(x, y), torch.maximum(x, y)
+    return values[low + (k - 1) // 2].contiguous()
+
+
+@functools.cache
+def _median_network(n: int, rank: int) -> tuple[tuple[int, int], ...]:
+    """Compare-exchanges (a < b: a gets the min) of Batcher's odd-even merge sort of n (a power
+    of two) values, pruned to those that decide what ends at position ``rank``."""
+    pairs, p = [], 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    needed, kept = {rank}, []
+    for a, b in reversed(pairs):
+        if a in needed or b in needed:
+            kept.append((a, b))
+            needed |= {a, b}
+    return tuple(reversed(kept))
 
 
 def causal_gaussian(volume: torch.Tensor, sigma: float = 1.5, size=(3, 3, 3)) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from ..gop import Schedule
 from ..plan import Plan
-from .ops import trimmed_l1
+from .ops import trimmed_l1, trimmed_l1_within
 from .registry import PlanContext
 
 
@@ -111,7 +111,8 @@ class ReferencePlanner:
         change = None
         if f > 1 and (gop.scenecut or gop.b_adapt):
             previous = matches([(t, t - 1) for t in range(1, f)])
-            change = [0.0] + [float((m.distance > tau).float().mean()) for m in previous]
+            changed = torch.stack([m.distance for m in previous]) > tau  # (F - 1, HW)
+            change = [0.0] + changed.float().mean(1).tolist()  # one device sync
         cuts = [t for t in range(1, f) if gop.scenecut and change[t] * 100 > 100 - gop.scenecut]
         schedule = Schedule.from_gop(gop, f, cuts=cuts, change=change)
 
@@ -196,7 +197,8 @@ class _GuardMemo:
         else:
             verdict = self.ok[ids].clone()
             new = (~known).nonzero().flatten()
-            verdict[new] = trimmed_l1(flat[ids[new]], flat[final[new]], *trim) <= tau2
+            if len(new):
+                verdict[new] = trimmed_l1_within(flat[ids[new]], flat[final[new]], tau2, *trim)
         self.final[ids], self.ok[ids] = final, verdict
         return verdict
 
