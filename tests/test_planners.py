@@ -280,3 +280,42 @@ def test_guard_bounds_decide_exactly_as_the_trimmed_distance(trim):
         for tau in (0.0, 0.05, 0.3, 1.0, 5.0):
             exact = ops.trimmed_l1(a, b, *trim) <= tau
             assert torch.equal(ops.trimmed_l1_within(a, b, tau, *trim), exact), (scale, tau)
+
+
+@pytest.mark.parametrize("gop", ["keyint=250", "keyint=8:bframes=2:b-pyramid=normal:ref=2", "bframes=3:ref=3:keyint=12"])
+@pytest.mark.parametrize("tau2", [None, 0.08, 0.12, 0.3])
+def test_resolve_in_rounds_equals_the_coding_order_loop(gop, tau2):
+    """The GPU's whole-video resolve (pointer-jumping rounds) gives exactly the loop's
+    sources: random references over the schedule's allowed frames, drifting tokens, so
+    that chains break at the guard several times."""
+    from lipcodec.gop import GOP, Schedule
+    from lipcodec.planners import ops
+    from lipcodec.planners.reference import _GuardMemo, _resolve, _resolve_rounds
+
+    g = torch.Generator().manual_seed(3)
+    f, hw, d = 17, 40, 16
+    schedule = Schedule.from_gop(GOP.from_x264_params(gop), f)
+    tokens = (torch.randn(1, hw, d, generator=g) + torch.randn(f, hw, d, generator=g).mul(0.04).cumsum(0)).reshape(-1, d)
+    best_source = torch.arange(f * hw).reshape(f, hw)
+    for t in range(f):
+        if schedule.refs[t]:
+            ref = torch.tensor(schedule.refs[t])[torch.randint(len(schedule.refs[t]), (hw,), generator=g)]
+            place = (torch.arange(hw) + torch.randint(-1, 2, (hw,), generator=g)).clamp(0, hw - 1)
+            best_source[t] = ref * hw + place
+    reuse = torch.rand(f, hw, generator=g) < 0.8
+    reuse &= torch.tensor([bool(r) for r in schedule.refs])[:, None]
+    best_distance = ops.trimmed_l1(tokens, tokens[best_source.flatten()]).reshape(f, hw)
+
+    def memo():
+        m = _GuardMemo(f * hw, "cpu")
+        if tau2 is not None:
+            m.final, m.ok = best_source.flatten().clone(), (best_distance <= tau2).flatten()
+        return m
+
+    loop = _resolve(schedule, tokens, best_source, reuse, tau2, (0.2, 0.8), memo())
+    rounds = _resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo())
+    assert torch.equal(rounds, loop)
+    reused = loop != torch.arange(f * hw)
+    assert reused.sum() > 0.15 * f * hw  # the test can tell: plenty reused ...
+    if tau2 is not None and tau2 < 0.3:
+        assert (reuse.flatten() & ~reused).sum() > 20  # ... and plenty broken by the guard

@@ -189,9 +189,14 @@ class _GuardMemo:
         self.ok = torch.zeros(n, dtype=torch.bool, device=device)
 
     def check(self, flat, ids, final, tau2, trim) -> torch.Tensor:
-        """Guard verdict for tokens ``ids`` copying ``final``; computes only the new pairs."""
+        """Guard verdict for tokens ``ids`` (None: all) copying ``final``; computes only the new pairs."""
+        if ids is None:  # every token: no gathers
+            fresh = trimmed_l1(flat, flat[final], *trim) <= tau2
+            verdict = torch.where(self.final == final, self.ok, fresh)
+            self.final, self.ok = final, verdict
+            return verdict
         known = self.final[ids] == final
-        if flat.is_cuda:  # no host sync: compute every pair, keep the known verdicts
+        if flat.is_cuda:  # no host sync: compute every pair, keep the known verdicts (same values)
             fresh = trimmed_l1(flat[ids], flat[final], *trim) <= tau2
             verdict = torch.where(known, self.ok[ids], fresh)
         else:
@@ -207,7 +212,11 @@ def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo) -
     """Point reused tokens at the computed token their reference finally copies (coding order).
 
     With ``tau2``, a token whose final source is farther than ``tau2`` is computed instead.
+    The definition is the loop over frames in coding order (the CPU runs it, checking only
+    the candidates); a GPU gets the same result from :func:`_resolve_rounds`.
     """
+    if flat.is_cuda:
+        return _resolve_rounds(len(schedule), flat, best_source, reuse, tau2, trim, memo)
     f, hw = best_source.shape
     source = torch.arange(f * hw, device=flat.device)
     for t in schedule.coding_order:
@@ -215,17 +224,43 @@ def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo) -
             continue
         ids = torch.arange(t * hw, (t + 1) * hw, device=flat.device)
         final = source[best_source[t]]  # references are coded earlier: already resolved
-        if flat.is_cuda:  # no host sync: guard every token of the frame, keep the candidates
-            use = reuse[t]
-            if tau2 is not None:
-                use = use & memo.check(flat, ids, final, tau2, trim)
-            source[ids] = torch.where(use, final, ids)
-        else:  # CPU: guard only the candidates (fewer sorts)
-            use = reuse[t].nonzero().flatten()
-            if tau2 is not None:
-                use = use[memo.check(flat, ids[use], final[use], tau2, trim)]
-            source[ids[use]] = final[use]
+        use = reuse[t].nonzero().flatten()
+        if tau2 is not None:
+            use = use[memo.check(flat, ids[use], final[use], tau2, trim)]
+        source[ids[use]] = final[use]
     return source
+
+
+def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _GuardMemo) -> torch.Tensor:
+    """:func:`_resolve` for the whole video at once, in rounds of pointer jumping.
+
+    Each round follows every candidate's chain to its end (log2(frames) jumps), guards all
+    tokens in one batch, and makes computed the *first* failures on each chain - those have
+    no failing token before them, so their verdict is the loop's. Later tokens of a chain
+    are judged again next round against their new end. Rounds = the most guard failures on
+    one chain (usually 1-3) instead of one step per frame; one host sync per round.
+    """
+    n = best_source.numel()
+    ids = torch.arange(n, device=flat.device)
+    candidate = reuse.flatten()
+    parent = torch.where(candidate, best_source.flatten(), ids)
+    jumps = max(frames - 1, 1).bit_length()  # chains are at most `frames` long
+    while True:
+        hops = [parent]  # hops[k][i]: the token 2^k steps up i's chain
+        for _ in range(jumps):
+            hops.append(hops[-1][hops[-1]])
+        final = hops[-1]
+        if tau2 is None:
+            return final
+        linked = parent != ids
+        bad = candidate & linked & ~memo.check(flat, None, final, tau2, trim)
+        before = bad[parent] & linked  # some token before it on its chain fails
+        for hop in hops[:-1]:
+            before = before | before[hop]
+        first = bad & ~before
+        if not bool(first.any()):
+            return final
+        parent = torch.where(first, ids, parent)
 
 
 def _params(planner) -> dict:
