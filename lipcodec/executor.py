@@ -336,12 +336,15 @@ class Codec:
             self._set_plan(None)
 
     def remove(self):
-        """Take every hook and processor off the model (a no-op when already removed)."""
+        """Take every hook and processor off the model (a no-op when already removed) and
+        free what the codec held on the device (indices, clean K/V, the source latents);
+        ``plan`` and ``stats`` stay readable."""
         while self._undo:
             self._undo.pop()()
         if getattr(self.model, "_lipcodec", None) is self:
             del self.model._lipcodec
         self._state.call = None
+        self._prepared, self._source, self._clean = {}, None, []
 
     def __enter__(self):
         return self

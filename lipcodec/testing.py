@@ -86,6 +86,7 @@ WAN_1_3B = dict(  # Wan2.1-T2V-1.3B: 12 heads x 128, 30 blocks (random weights i
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     eps=1e-6, rope_max_seq_len=1024,
 )
+WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)  # Wan2.1-T2V-14B: 40 x 128, 40 blocks
 TINY_WAN = dict(  # diffusers' own tiny Wan test config, with Wan's 16 latent channels
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
     freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,

@@ -225,7 +225,14 @@ def test_clean_recovery_primes_once_per_text(model, inputs):
     assert codec.stats.primes == 1 and codec.stats.calls == 2 and torch.isfinite(out).all()
     run(model, x, t, torch.zeros_like(e))  # another text: its own clean pass
     assert codec.stats.primes == 2
+    import gc
+    import weakref
+
+    cached = weakref.ref(codec._clean[0][1][0][0])  # one block's clean keys
     codec.remove()
+    gc.collect()
+    assert cached() is None, "remove() must free the clean K/V (GPU memory) even while the codec is referenced"
+    assert codec.stats.primes == 2 and codec.plan is plan  # what was measured stays readable
 
 
 def test_all_modes_finite_and_shaped(model, inputs):
@@ -371,6 +378,30 @@ def test_speed_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["recovery"] for r in rows] == [None, None, *RECOVERY_MODES, "ceiling"]
     assert all(r["ms"] > 0 for r in rows)
+
+
+def test_gpu_suite_smoke(tmp_path):
+    """benchmarks/gpu_suite.py on tiny configs: every section runs and the table holds
+    together (a ceiling per plan, Pearson r over the plans, compiled rows equal eager)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite", path)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    out = tmp_path / "suite.json"
+    suite.main(["--tiny", "--budgets", "0.8", "0.5", "--modes", "none", "duplicate", "--reps", "1", "--warmup", "0",
+                "--out", str(out)])
+    result = json.loads(out.read_text())
+    full = [r for r in result["rows"] if r["section"] == "full"]
+    assert full[0]["name"] == "unpatched" and len(full) == 1 + 2 * 2 * 3  # 2 clips x 2 budgets x (2 modes + ceiling)
+    assert {r["clip"] for r in full[1:]} == set(suite.CLIPS) and all(r["plan_ms"] > 0 for r in full[1:])
+    assert -1 <= result["pearson"]["ceiling"]["r"] <= 1 and result["pearson"]["none"]["points"] == 4
+    for mode in ("none", "duplicate"):
+        assert result["compile"][mode]["max_abs_diff_vs_eager"] < 1e-3, result["compile"]
+    assert [r["recovery"] for r in result["rows"] if r["section"] == "14b"] == [None, "none", "duplicate", "ceiling"]
 
 
 def test_recovery_processors_keep_the_chosen_attention_backend(model):
