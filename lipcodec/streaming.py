@@ -45,7 +45,9 @@ from einops import rearrange
 
 from .attention import RECOVERY_MODES, fold_log_multiplicity, rotate
 from .gop import GOP
+from .planners import get as get_planner
 from .planners import plan as make_plan
+from .planners.reference import ReferencePlanner
 
 FIRST_CHUNK_MODES = ("full", "prune")
 
@@ -276,7 +278,8 @@ class StreamRunner:
         config: :class:`StreamConfig`.
         planner: a planner name or object (``intra`` = no pruning); planned chunk by chunk on
             the source latents seen so far, so it may only reference the past.
-        gop, plan_kwargs: passed to :func:`lipcodec.plan` (``target_kept=``, ``tau1=``...).
+        gop, plan_kwargs: passed to :func:`lipcodec.plan` (``target_kept=``, ``tau1=``...);
+            ``target_kept`` is each new chunk's budget (the planner sees more context).
             B-frames are refused: they reference frames that have not arrived.
     """
 
@@ -618,7 +621,10 @@ class StreamRunner:
         if self._intra or (a == 0 and self.config.first_chunk == "full"):
             return ids
         context = self._src_hist  # frames [hist_start, a + s)
-        plan = make_plan(context, self.planner, gop=self.gop, patch_size=self.patch, **self.plan_kwargs)
+        kwargs = self.plan_kwargs
+        if kwargs.get("target_kept") is not None and isinstance(get_planner(self.planner, **kwargs), ReferencePlanner):
+            kwargs = {"budget_frames": s, **kwargs}  # the budget is the new chunk's, not the context's
+        plan = make_plan(context, self.planner, gop=self.gop, patch_size=self.patch, **kwargs)
         base = self._hist_start * self.tpf
         src = plan.source[-n:].to(ids.device) + base  # (N,)
         ahead = src // self.tpf > ids // self.tpf

@@ -209,6 +209,9 @@ def test_target_kept_meets_the_budget_on_the_bundled_clip(planner):
         plan = lipcodec.plan(latents, planner, target_kept=target)
         assert abs(plan.kept_ratio - target) < 0.05
         assert plan.meta["target_kept"] == target
+        last = lipcodec.plan(latents, planner, target_kept=target, budget_frames=3)  # the budget of 3 frames only
+        assert abs(last.computed[-3 * latents.shape[-1] * latents.shape[-2] // 4 :].float().mean() - target) < 0.05
+        assert abs(last.kept_ratio - target) > 0.02  # the test can tell: the whole video is off budget
 
 
 # -- parameters ----------------------------------------------------------------------------

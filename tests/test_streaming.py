@@ -496,3 +496,16 @@ def test_proportional_multiplicities(model):
         expected[row[int(t)]] += 1
     assert expected.max() >= 2
     assert torch.allclose(idx.denoise.log_mult, expected.log()) and torch.equal(idx.clean.log_mult, idx.denoise.log_mult)
+
+
+def test_target_kept_is_each_chunks_budget(model):
+    """With target_kept, every pruned chunk keeps about that share of its own tokens (the
+    planner sees a longer context, whose earlier frames do not count)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 1, 24, 24, generator=g) + 0.3 * torch.randn(1, 4, 12, 24, 24, generator=g).cumsum(2) * 0.1
+    _, text = video()
+    runner = StreamRunner(model, text, StreamConfig(chunk=3, plan_context=9), planner="lipar", target_kept=0.6)
+    chunks = runner.push(x)
+    assert chunks[0].kept_ratio == 1.0  # first_chunk="full"
+    for c in chunks[1:]:
+        assert abs(c.kept_ratio - 0.6) <= 1 / 12, [c.kept_ratio for c in chunks]  # within 1/4 frame's share

@@ -62,6 +62,9 @@ class ReferencePlanner:
             of tokens is kept (compare planners at equal budget); None = thresholds as given.
         reverify: after :meth:`postprocess`, check the guard again on the final sources, so
             that no reused token is farther than ``tau2`` from what it copies.
+        budget_frames: ``target_kept`` counts only the last this many latent frames (the
+            streaming runner sets it to the new chunk: the budget is the chunk's, not its
+            planning context's); None = the whole video.
     """
 
     tau1: float = attrs.field(default=0.15, converter=float, validator=_non_negative_or_none)
@@ -69,6 +72,7 @@ class ReferencePlanner:
     target_kept: float | None = attrs.field(default=None, converter=_float_or_none, validator=_unit_interval_or_none)
     reverify: bool = True
     trim: tuple[float, float] = attrs.field(default=(0.2, 0.8), converter=lambda v: tuple(float(x) for x in v))
+    budget_frames: int | None = attrs.field(default=None, converter=lambda v: None if v in (None, "none") else int(v))
     name: str = "reference"
 
     # -- what a planner provides -------------------------------------------------------------
@@ -163,16 +167,23 @@ class ReferencePlanner:
 
     def _search_budget(self, ctx, tokens, matches, cache) -> Plan:
         """Bisect a common scale of the thresholds (log2 space) for ``target_kept``."""
+        grid = ctx.grid
+        frames = grid.frames if self.budget_frames is None else max(1, min(self.budget_frames, grid.frames))
+
+        def kept(plan) -> float:  # over the budgeted (last) frames
+            return float(plan.computed[-frames * grid.tokens_per_frame :].float().mean())
+
         lo, hi = -12.0, 12.0  # kept ratio falls as the scale grows
-        best = None
+        best = best_kept = None
         for _ in range(24):
             mid = (lo + hi) / 2
             candidate = self._decide(ctx, tokens, matches, cache, 2.0**mid)
-            if best is None or abs(candidate.kept_ratio - self.target_kept) < abs(best.kept_ratio - self.target_kept):
-                best = candidate
-            if abs(best.kept_ratio - self.target_kept) * ctx.grid.size < 0.5 * ctx.grid.tokens_per_frame / 8:
+            ratio = kept(candidate)
+            if best is None or abs(ratio - self.target_kept) < abs(best_kept - self.target_kept):
+                best, best_kept = candidate, ratio
+            if abs(best_kept - self.target_kept) * frames < 0.5 / 8:
                 break  # within an eighth of a frame's tokens of the budget: good enough
-            if candidate.kept_ratio > self.target_kept:
+            if ratio > self.target_kept:
                 lo = mid
             else:
                 hi = mid
