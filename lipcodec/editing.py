@@ -870,7 +870,7 @@ class Session:
         return self._timed("unpruned")
 
     def run(self, planner, *, gop=None, recovery: str = "none", restore: str = "copy", desc: str = "pruned",
-            **planner_params) -> Run:
+            clean_refresh: int = 0, **planner_params) -> Run:
         from . import apply
 
         built = build_planner(planner, planner_params)
@@ -881,7 +881,11 @@ class Session:
         else:
             plan_kwargs = dict(gop=parse_gop(gop), seed=self.settings["seed"], frames=self.frames,
                                motion=self.video.motion)
-        codec = apply(self.pipe, built, recovery=recovery, restore=restore, **plan_kwargs)
+        try:
+            codec = apply(self.pipe, built, recovery=recovery, restore=restore, clean_refresh=clean_refresh,
+                          **plan_kwargs)
+        except ValueError as error:
+            raise EditError(str(error)) from None
         try:
             run = self._timed(desc)
             run.plan = codec.plan

@@ -185,6 +185,7 @@ class Stats:
 
     calls: int = 0
     primes: int = 0  # clean (t=0) passes run for recovery="clean"
+    refreshes: int = 0  # clean sources replaced by an x0 estimate (clean_refresh)
     tokens: int = 0  # tokens per call (the token grid of the last call)
     kept: list[int] = attrs.field(factory=list)
     frame_kept: np.ndarray | None = None  # kept tokens per latent frame (last call's plan)
@@ -199,6 +200,7 @@ class _State:
 
     def __init__(self):
         self.call: _Call | None = None
+        self.after: Callable | None = None  # after(call, output) once a call's output is restored
 
 
 # -- hooks -----------------------------------------------------------------------------------
@@ -271,6 +273,8 @@ class _ScatterHook(ModelHook):
         safe = torch.where(s > 0, s, torch.ones_like(s))
         v = (x - x[:, prep.source] + s_src * full.float()) / safe  # (B, N, P) float32
         v = torch.where((s > 0) & ~prep.computed[None, :, None], v.to(full.dtype), full)
+        if self.state.after is not None:
+            self.state.after(call, v)
         return v
 
 
@@ -283,12 +287,21 @@ class Codec:
         plan: the plan in use (None until a planner has planned).
     """
 
-    def __init__(self, model, plan_or_planner, *, recovery, restore, recovery_window, sigma, plan_kwargs):
+    def __init__(self, model, plan_or_planner, *, recovery, restore, recovery_window, sigma, plan_kwargs,
+                 clean_refresh: int = 0):
         self.model = model
         self.adapter = _adapter_for(model)
         self.recovery = check_recovery(recovery)
         if restore not in RESTORE_MODES:
             raise ValueError(f"unknown restore {restore!r}; valid: {', '.join(RESTORE_MODES)}")
+        if not isinstance(clean_refresh, int) or clean_refresh < 0:
+            raise ValueError(f"clean_refresh must be an int >= 0 (0 = never), got {clean_refresh!r}")
+        if clean_refresh and (self.recovery != "clean" or restore != "copy"):
+            raise ValueError(
+                f"clean_refresh={clean_refresh} needs recovery='clean' and restore='copy' (got recovery="
+                f"{self.recovery!r}, restore={restore!r}): it re-runs the clean pass on the copy restore's x0 estimate"
+            )
+        self.clean_refresh = clean_refresh
         if recovery_window is not None and (not isinstance(recovery_window, int) or recovery_window < 0):
             raise ValueError(f"recovery_window must be None (all frames) or an int >= 0, got {recovery_window!r}")
         self.restore, self.recovery_window = restore, recovery_window
@@ -305,6 +318,8 @@ class Codec:
         self._plan_kwargs = plan_kwargs
         self.stats = Stats()
         self._state = _State()
+        if clean_refresh:
+            self._state.after = self._refresh_clean
         self._prepared: dict = {}
         self._source: torch.Tensor | None = None  # clean source latents (B, C, F, H, W)
         self._clean: list = []  # [(weakref(text), [per block (k, v)])]
@@ -426,6 +441,19 @@ class Codec:
             )
         return self._prime_clean(text, timestep, kwargs)
 
+    def _refresh_clean(self, call: _Call, v: torch.Tensor):
+        """clean_refresh: after every N-th call, the current x0 estimate (every token; reused
+        ones already equal their reference's) becomes the clean source; each text's clean
+        pass re-runs on it at its next call. The plan stays (made on the real source)."""
+        if self._priming is not None or self.stats.calls % self.clean_refresh:
+            return
+        grid, (pt, ph, pw) = call.prep.plan.grid, self.patch_size
+        x0 = call.x_tok - call.sigma * v.float()  # (B, N, P)
+        self._source = rearrange(x0, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=grid.frames,
+                                 h=grid.height, w=grid.width, pt=pt, ph=ph, pw=pw).detach()
+        self._clean = []
+        self.stats.refreshes += 1
+
     def _prime_clean(self, text, timestep, forward_kwargs):
         """Run the model at t=0 on the clean source; cache each block's duplicated K/V."""
         source = self._source
@@ -491,6 +519,7 @@ def apply(
     recovery: str = "none",
     restore: str = "copy",
     recovery_window: int | None = None,
+    clean_refresh: int = 0,
     sigma: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **plan_kwargs,
 ) -> Codec:
@@ -511,6 +540,10 @@ def apply(
     To tinker with:
         recovery_window: re-insert (duplicate/clean) or count (proportional) only the reused
             tokens of frame 0 and of the last ``recovery_window`` latent frames; None = all.
+        clean_refresh: with ``recovery="clean"``: after every N-th model call the clean
+            pass re-runs (at each text's next call) on the current x0 estimate instead of
+            the source latents - the copied K/V follow the edit (one extra t=0 forward per
+            text per refresh); 0 (default) = the source's clean pass for the whole run.
         sigma: ``timestep -> sigma`` for restore="copy"; default t/1000 (diffusers'
             flow-match convention), or the pipeline scheduler's own sigma table.
         plan_kwargs: passed to :func:`lipcodec.plan` (``gop=``, ``seed=``, planner params).
@@ -521,7 +554,7 @@ def apply(
         sigma = scheduler_sigma(pipe.scheduler)
     codec = Codec(
         model, plan_or_planner, recovery=recovery, restore=restore, recovery_window=recovery_window,
-        sigma=sigma, plan_kwargs=plan_kwargs,
+        sigma=sigma, plan_kwargs=plan_kwargs, clean_refresh=clean_refresh,
     )
     codec._install()
     if pipe is not None and getattr(pipe, "scheduler", None) is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -233,6 +234,35 @@ def test_clean_recovery_primes_once_per_text(model, inputs):
     gc.collect()
     assert cached() is None, "remove() must free the clean K/V (GPU memory) even while the codec is referenced"
     assert codec.stats.primes == 2 and codec.plan is plan  # what was measured stays readable
+
+
+def test_clean_refresh_reprimes_on_the_x0_estimate(model, inputs):
+    """clean_refresh=1: after each call the clean pass's source becomes that call's x0
+    estimate x - sigma v (sigma = t / 1000), and the next call re-primes on it."""
+    x, t, e = inputs
+    plan = reuse_plan((3, 8, 8))
+    with apply(model, plan, recovery="clean") as plain:
+        plain.prime(x)
+        first, second = run(model, x, t, e), run(model, x, t, e)
+    with apply(model, plan, recovery="clean", clean_refresh=1) as codec:
+        codec.prime(x)
+        out = run(model, x, t, e)
+        torch.testing.assert_close(out, first, rtol=0, atol=0)  # the first call primes on the source
+        torch.testing.assert_close(codec._source, x - 0.5 * out, rtol=0, atol=1e-6)
+        again = run(model, x, t, e)
+        assert codec.stats.primes == 2 and codec.stats.refreshes == 2
+    assert (again - second).abs().max() > 1e-4  # the refreshed K/V change the output
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"recovery": "duplicate", "clean_refresh": 2}, "clean_refresh=2 needs recovery='clean' and restore='copy'"),
+    ({"recovery": "clean", "restore": "velocity", "clean_refresh": 1}, "needs recovery='clean' and restore='copy'"),
+    ({"recovery": "clean", "clean_refresh": -1}, "clean_refresh must be an int >= 0"),
+])
+def test_clean_refresh_errors(model, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        apply(model, reuse_plan((3, 8, 8)), **kwargs)
+    assert getattr(model, "_lipcodec", None) is None
 
 
 def test_all_modes_finite_and_shaped(model, inputs):
