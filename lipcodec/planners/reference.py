@@ -248,8 +248,9 @@ def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _Gu
     Each round follows every candidate's chain to its end (log2(frames) jumps), guards all
     tokens in one batch, and makes computed the *first* failures on each chain - those have
     no failing token before them, so their verdict is the loop's. Later tokens of a chain
-    are judged again next round against their new end. Rounds = the most guard failures on
-    one chain (usually 1-3) instead of one step per frame; one host sync per round.
+    are judged again next round against their new end. Rounds = 1 + the most guard failures
+    on one chain (4-5 on 81 frames of real footage) instead of one step per frame in coding
+    order; one host sync per round.
     """
     n = best_source.numel()
     ids = torch.arange(n, device=flat.device)
