@@ -119,7 +119,8 @@ def slow(tmp, frames, *args):
         for i, frame in enumerate(frames):
             if i == 5:
                 print("MIDWRITE", flush=True)
-                time.sleep(60)
+                for _ in range(600):  # short sleeps: a signal that lands on another thread (torch,
+                    time.sleep(0.1)   # x264) is still handled by the main thread within 0.1 s
             yield frame
     return original(tmp, frames_then_stall(), *args)
 video._encode = slow
