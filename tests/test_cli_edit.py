@@ -111,7 +111,10 @@ def test_bench_prints_a_timing_table(clip, model_dir):
 
 # -- atomic writes: a kill mid-write leaves no output -------------------------------------------
 SLOW_WRITER = """
-import sys, time
+import signal, sys, time
+# a shell's background job (CI run with `&`) inherits SIGINT as ignored, and Python then
+# keeps it ignored: restore the handler an interactive Ctrl-C reaches
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import lipcodec.video as video
 original = video._encode
 def slow(tmp, frames, *args):
@@ -119,8 +122,7 @@ def slow(tmp, frames, *args):
         for i, frame in enumerate(frames):
             if i == 5:
                 print("MIDWRITE", flush=True)
-                for _ in range(600):  # short sleeps: a signal that lands on another thread (torch,
-                    time.sleep(0.1)   # x264) is still handled by the main thread within 0.1 s
+                time.sleep(60)
             yield frame
     return original(tmp, frames_then_stall(), *args)
 video._encode = slow
