@@ -21,7 +21,7 @@ def trimmed_l1(a: torch.Tensor, b: torch.Tensor, low: float = 0.2, high: float =
     """
     d = (a - b).abs_()  # (..., D)
     n = d.shape[-1]
-    lo, hi = int(low * n), max(int(high * n), int(low * n) + 1)
+    lo, hi = _trim_ranks(n, low, high)
     # sum of ranks lo..hi-1 = total - (n - hi) largest - lo smallest; two top-k beat a full sort
     trimmed = d.sum(-1)
     if n - hi:
@@ -29,6 +29,12 @@ def trimmed_l1(a: torch.Tensor, b: torch.Tensor, low: float = 0.2, high: float =
     if lo:
         trimmed = trimmed - d.topk(lo, dim=-1, largest=False, sorted=False).values.sum(-1)
     return trimmed / (hi - lo)
+
+
+def _trim_ranks(n: int, low: float, high: float) -> tuple[int, int]:
+    """The sorted ranks [lo, hi) the trimmed mean of n values keeps (at least one)."""
+    lo = int(low * n)
+    return lo, max(int(high * n), lo + 1)
 
 
 def trimmed_l1_within(a: torch.Tensor, b: torch.Tensor, tau: float, low: float = 0.2, high: float = 0.8) -> torch.Tensor:
@@ -40,7 +46,7 @@ def trimmed_l1_within(a: torch.Tensor, b: torch.Tensor, tau: float, low: float =
     """
     d = (a - b).abs_()
     n = d.shape[-1]
-    lo, hi = int(low * n), max(int(high * n), int(low * n) + 1)
+    lo, hi = _trim_ranks(n, low, high)
     total = d.sum(-1)
     verdict = total <= tau * (n - lo)  # upper bound within tau
     unsure = ~verdict & (total - (n - hi) * d.amax(-1) <= tau * hi)  # lower bound not above tau
