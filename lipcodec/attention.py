@@ -6,9 +6,15 @@ Modes (the math in short; docs/executor.md has the rest):
 
 - ``none``: kept tokens attend to kept tokens only (this processor is not even installed).
 - ``proportional`` (ToMe): logit(i, j) += log c_j, where kept key j stands for c_j tokens.
-  Folded into one extra q/k channel - q gets ``a``, k gets ``log c_j / (a * scale)`` -
-  and SDPA is called with the model's own ``scale``, so no (N, N) bias exists and fused
-  kernels still run. The head dim is zero-padded to a multiple of 8 for them.
+  The executor orders kept tokens so that keys of equal multiplicity are contiguous runs;
+  the most common multiplicity (c = 1: 85-95% of keys on real plans) gets one plain
+  128-wide attention call that returns its log-sum-exp, and the other keys share one call
+  with the bias folded into an extra q/k channel - q gets ``a``, k gets
+  ``log c_j / (a * scale)`` (head zero-padded to a multiple of 8, which the kernels run
+  slower). The two merge exactly by their log-sum-exps (+ log c). No (N, N) bias exists and
+  every call is a fused kernel (the one SDPA, or the ``_native_*`` backend set on the model,
+  would use). With a non-SDPA diffusers backend (flash-attn packages, ``_native_math``, ...)
+  the whole key set takes one folded call through that backend instead.
 - ``duplicate`` (LIPAR's M-degree recovery): reused tokens re-enter as keys/values, copied
   from their reference's *un-rotated* K (after norm_k, before RoPE) and V, then rotated
   with the reused token's own RoPE position. Queries stay kept-only (Sk x (Sk + Sd)).
@@ -18,11 +24,20 @@ Modes (the math in short; docs/executor.md has the rest):
 
 from __future__ import annotations
 
+import attrs
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from torch.nn.attention import SDPBackend
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 RECOVERY_MODES = ("none", "proportional", "duplicate", "clean")
+EXACT_RUNS = 1  # multiplicities with their own plain call (c = 1: most keys); the others share a folded call
+_SDPA_KERNELS = {  # diffusers backends that are PyTorch SDPA -> the fused kernel they force (None: SDPA picks)
+    AttentionBackendName.NATIVE: None,
+    AttentionBackendName._NATIVE_FLASH: SDPBackend.FLASH_ATTENTION,
+    AttentionBackendName._NATIVE_CUDNN: SDPBackend.CUDNN_ATTENTION,
+    AttentionBackendName._NATIVE_EFFICIENT: SDPBackend.EFFICIENT_ATTENTION,
+}
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -53,6 +68,89 @@ def fold_log_multiplicity(q, k, v, log_mult):
     return q, k, v, scale
 
 
+@attrs.frozen
+class KeyRuns:
+    """Kept keys ordered by multiplicity: ``runs`` are (start, end, log c) of the exact runs,
+    keys from ``tail`` on have mixed multiplicities ``tail_log_mult`` (folded call)."""
+
+    runs: tuple[tuple[int, int, float], ...]
+    tail: int
+    tail_log_mult: torch.Tensor  # (Sk - tail,) float32
+
+
+def multiplicity_order(mult: torch.Tensor, exact: int | None = None) -> tuple[torch.Tensor, KeyRuns]:
+    """The order of kept keys that makes runs of equal multiplicity, and those runs.
+
+    mult (Sk,) int: tokens each kept key stands for. The ``exact`` most common multiplicities
+    get a run each (in that order), every other key goes to the tail. Returns ``perm`` (Sk,)
+    (new order = old[perm]) and the :class:`KeyRuns`. One host sync (once per plan)."""
+    exact = EXACT_RUNS if exact is None else exact
+    values, counts = mult.unique(return_counts=True)
+    top = counts.argsort(descending=True, stable=True)[:exact]
+    group = torch.full_like(mult, len(top))  # (Sk,) run index; len(top) = the tail
+    for i, j in enumerate(top.tolist()):
+        group[mult == values[j]] = i
+    perm = group.argsort(stable=True)
+    runs, start = [], 0
+    for j in top.tolist():
+        n = int(counts[j])
+        runs.append((start, start + n, float(values[j].float().log())))
+        start += n
+    return perm, KeyRuns(tuple(runs), start, mult[perm][start:].float().log())
+
+
+def attention_lse(q, k, v, scale: float, kernel: SDPBackend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its log-sum-exp: q (B, Sq, H, D), k/v (B, Sk, H, D) ->
+    out (B, Sq, H, D), lse (B, H, Sq) float32, from ``kernel`` or else the fused kernel SDPA
+    itself would pick for these inputs (cuDNN, flash or memory-efficient on CUDA; flash on
+    the CPU)."""
+    qt, kt, vt = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, S, D)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, scale=scale)
+    else:
+        choice = int(kernel) if kernel is not None else torch._fused_sdp_choice(qt, kt, vt, None, 0.0, False, scale=scale)
+        if choice == int(SDPBackend.CUDNN_ATTENTION):
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, scale=scale)[:2]
+        elif choice == int(SDPBackend.FLASH_ATTENTION):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, scale=scale)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, scale=scale)[:2]
+    lse = lse.reshape(*lse.shape[:2], -1)[..., : q.shape[1]]  # cuDNN adds a unit dim, efficient pads to 32
+    return out.transpose(1, 2), lse.float()
+
+
+def proportional_attention(q, k, v, runs: KeyRuns, kernel: SDPBackend | None = None) -> torch.Tensor:
+    """Exact ``softmax(scale q.k + log c) v`` over keys ordered as ``runs`` says (module docstring).
+    q (B, Sq, H, D), k/v (B, Sk, H, D) -> (B, Sq, H, D), scale 1/sqrt(D).
+
+    Each part's output enters by one ``lerp`` with its share of the softmax mass so far,
+    exp(lse_part - logaddexp(lse_so_far, lse_part)): one elementwise pass per extra part."""
+    d, out, lse = q.shape[-1], None, None
+    parts = [(k[:, start:end], v[:, start:end], log_c) for start, end, log_c in runs.runs]
+    if runs.tail < k.shape[1]:
+        parts.append((k[:, runs.tail :], v[:, runs.tail :], runs.tail_log_mult))
+    for key, value, log_c in parts:
+        if isinstance(log_c, float):
+            part, part_lse = attention_lse(q, key, value, d**-0.5, kernel)
+            part_lse = part_lse + log_c
+        else:  # the tail: mixed multiplicities folded into an extra channel
+            part, part_lse = attention_lse(*fold_log_multiplicity(q, key, value, log_c), kernel)
+            part = part[..., :d]
+        if out is None:
+            out, lse = part, part_lse
+            continue
+        total = torch.logaddexp(lse, part_lse)  # (B, H, Sq)
+        share = (part_lse - total).exp().transpose(1, 2).unsqueeze(-1)  # (B, Sq, H, 1)
+        out, lse = torch.lerp(out, part, share.to(out.dtype)), total
+    return out
+
+
+def _sdpa_backend(backend) -> AttentionBackendName | None:
+    """The diffusers backend if it is PyTorch's SDPA (the runs call its kernels directly)."""
+    backend = backend or _AttentionBackendRegistry.get_active_backend()[0]
+    return backend if backend in _SDPA_KERNELS else None
+
+
 class WanRecoveryProcessor:
     """Self-attention processor for ``WanAttention`` (``blocks.*.attn1``) with recovery."""
 
@@ -73,7 +171,7 @@ class WanRecoveryProcessor:
         value = value.unflatten(2, (attn.heads, -1))
         recover = call is not None and not call.prep.identity and call.prep.num_dup
         cached = recover and self.mode == "clean" and call.clean_kv is not None
-        head_dim, scale = query.shape[-1], None
+        head_dim, scale, out = query.shape[-1], None, None
         if recover and self.mode in ("duplicate", "clean") and not cached:
             # every key at once: kept keys and copies of their references' un-rotated keys,
             # gathered by kv_slot and rotated at their own positions (one gather, no cat)
@@ -89,7 +187,10 @@ class WanRecoveryProcessor:
         else:
             if rotary_emb is not None:
                 query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
-            if recover and self.mode == "proportional":
+            proportional = recover and self.mode == "proportional"
+            if proportional and (sdpa := _sdpa_backend(self._attention_backend)) is not None:
+                out = proportional_attention(query, key, value, call.prep.runs, _SDPA_KERNELS[sdpa])  # (B, Sk, H, D)
+            elif proportional:  # another backend: one folded call
                 query, key, value, scale = fold_log_multiplicity(query, key, value, call.prep.log_mult)
             elif cached:  # "clean": the duplicated K/V of the clean pass, already rotated
                 key_dup, value_dup = call.clean_kv[self.block]  # (1 or B, Sd, H, D)
@@ -97,10 +198,11 @@ class WanRecoveryProcessor:
                 key = torch.cat([key, key_dup.expand(b, -1, -1, -1).to(key.dtype)], 1)  # (B, Sk + Sd, H, D)
                 value = torch.cat([value, value_dup.expand(b, -1, -1, -1).to(value.dtype)], 1)
 
-        out = dispatch_attention_fn(
-            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=scale,
-            backend=self._attention_backend, parallel_config=None,
-        )  # (B, Sk, H, D')
+        if out is None:
+            out = dispatch_attention_fn(
+                query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=scale,
+                backend=self._attention_backend, parallel_config=None,
+            )  # (B, Sk, H, D')
         out = out[..., :head_dim].flatten(2, 3).type_as(query)  # (B, Sk, H*D)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -112,4 +214,7 @@ def check_recovery(mode: str) -> str:
     return mode
 
 
-__all__ = ["RECOVERY_MODES", "WanRecoveryProcessor", "fold_log_multiplicity", "rotate", "check_recovery"]
+__all__ = [
+    "RECOVERY_MODES", "KeyRuns", "WanRecoveryProcessor", "attention_lse", "check_recovery", "fold_log_multiplicity",
+    "multiplicity_order", "proportional_attention", "rotate",
+]

@@ -34,7 +34,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from einops import rearrange
 
-from .attention import RECOVERY_MODES, WanRecoveryProcessor, check_recovery
+from .attention import RECOVERY_MODES, KeyRuns, WanRecoveryProcessor, check_recovery, multiplicity_order
 from .plan import Grid, Plan
 from .planners import Planner
 from .planners import plan as make_plan
@@ -144,11 +144,12 @@ class _Prepared:
     kv_slot: torch.Tensor  # (Sk + Sd,) kept row behind every key: kept rows, then dup_slot
     kv_pos: torch.Tensor  # (Sk + Sd,) token position (RoPE) of every key: keep, then dup_ids
     log_mult: torch.Tensor  # (Sk,) float32 log multiplicity over the recovered tokens (proportional)
+    runs: KeyRuns | None  # proportional: kept rows are ordered in runs of equal multiplicity
     num_dup: int
     frame_kept: np.ndarray  # (F,) kept tokens per latent frame
 
     @classmethod
-    def build(cls, plan: Plan, device, window: int | None) -> _Prepared:
+    def build(cls, plan: Plan, device, window: int | None, recovery: str = "none") -> _Prepared:
         plan = plan.to(device)
         n, frames = plan.grid.size, plan.grid.frames
         frame = torch.arange(n, device=device) // plan.grid.tokens_per_frame  # (N,)
@@ -156,13 +157,19 @@ class _Prepared:
         if window is not None:  # sink frame 0 + the `window` most recent latent frames
             recovered &= (frame >= frames - window) | (frame == 0)
         dup_ids = recovered.nonzero().flatten()
-        dup_slot = plan.slot[dup_ids]
-        mult = 1 + torch.bincount(dup_slot, minlength=plan.num_kept)  # (Sk,)
+        keep, slot, runs = plan.keep, plan.slot, None
+        mult = 1 + torch.bincount(slot[dup_ids], minlength=plan.num_kept)  # (Sk,)
+        if recovery == "proportional" and dup_ids.numel():  # kept rows in runs of equal multiplicity
+            perm, runs = multiplicity_order(mult)
+            rank = torch.empty_like(perm)
+            rank[perm] = torch.arange(perm.numel(), device=device)
+            keep, slot, mult = keep[perm], rank[slot], mult[perm]
+        dup_slot = slot[dup_ids]
         kv_slot = torch.cat([torch.arange(plan.num_kept, device=device), dup_slot])
-        kv_pos = torch.cat([plan.keep, dup_ids])
+        kv_pos = torch.cat([keep, dup_ids])
         return cls(
-            plan, plan.keep, plan.slot, plan.source, plan.computed, bool(plan.computed.all()),
-            dup_ids, dup_slot, kv_slot, kv_pos, mult.float().log(), int(dup_ids.numel()),
+            plan, keep, slot, plan.source, plan.computed, bool(plan.computed.all()),
+            dup_ids, dup_slot, kv_slot, kv_pos, mult.float().log(), runs, int(dup_ids.numel()),
             plan.computed.reshape(frames, -1).sum(1).cpu().numpy(),
         )
 
@@ -393,7 +400,8 @@ class Codec:
             )
         prep = self._prepared.get(hidden.device)
         if prep is None:
-            prep = self._prepared[hidden.device] = _Prepared.build(self.plan, hidden.device, self.recovery_window)
+            prep = self._prepared[hidden.device] = _Prepared.build(self.plan, hidden.device, self.recovery_window,
+                                                                       self.recovery)
         return prep
 
     def _begin_call(self, args, kwargs):

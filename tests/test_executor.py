@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import numpy as np
@@ -24,7 +25,9 @@ from PIL import Image  # noqa: E402
 import lipcodec  # noqa: E402
 import lipcodec.testing  # noqa: E402
 from lipcodec import Grid, Plan  # noqa: E402
-from lipcodec.attention import RECOVERY_MODES, fold_log_multiplicity  # noqa: E402
+from lipcodec.attention import (  # noqa: E402
+    RECOVERY_MODES, fold_log_multiplicity, multiplicity_order, proportional_attention,
+)
 from lipcodec.executor import adapters, apply, remove  # noqa: E402
 
 TINY = dict(
@@ -199,6 +202,43 @@ def test_proportional_fold_equals_explicit_log_bias():
     logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + log_mult  # small explicit reference
     explicit = torch.einsum("bhqk,bkhd->bhqd", logits.softmax(-1), v)
     torch.testing.assert_close(folded[..., :12], explicit, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("exact", [0, 1, 2, 9])
+def test_proportional_runs_equal_the_explicit_log_bias(exact):
+    """Keys split into runs of equal multiplicity (one call each, merged by log-sum-exp) plus
+    a folded tail give softmax(q.k / sqrt(D) + log c) v, whatever the split."""
+    g = torch.Generator().manual_seed(1)
+    mult = torch.tensor([1, 3, 1, 2, 7, 1, 3, 1, 2, 1, 5])  # (Sk,)
+    perm, runs = multiplicity_order(mult, exact)
+    assert sorted(perm.tolist()) == list(range(11))
+    assert [round(math.exp(c)) for _, _, c in runs.runs] == [1, 2, 3, 5, 7][:exact]  # most common first (ties: smaller c)
+    for start, end, log_c in runs.runs:
+        assert torch.all(mult[perm][start:end] == round(math.exp(log_c)))
+    torch.testing.assert_close(runs.tail_log_mult, mult[perm][runs.tail :].float().log())
+    q = torch.randn(2, 4, 3, 16, generator=g)  # (B, Sq, H, D)
+    k, v = (torch.randn(2, 11, 3, 16, generator=g)[:, perm] for _ in range(2))
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / 4 + mult[perm].float().log()
+    explicit = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v)
+    torch.testing.assert_close(proportional_attention(q, k, v, runs), explicit, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("exact", [0, 1, 3])
+def test_proportional_runs_equal_one_folded_call_in_the_model(model, inputs, monkeypatch, exact):
+    """In the model, the runs path (PyTorch SDPA) equals the single folded call another
+    attention backend takes; the plan has several multiplicities (chains over 3 frames)."""
+    monkeypatch.setattr(lipcodec.attention, "EXACT_RUNS", exact)
+    x, t, e = inputs
+    plan = reuse_plan((3, 8, 8), frac=0.6)
+    assert len(plan.multiplicity.unique()) >= 3
+    with apply(model, plan, recovery="proportional") as codec:
+        runs = run(model, x, t, e)
+        assert codec._prepared[x.device].runs.tail < plan.num_kept or exact > 2
+    other = copy.deepcopy(model)
+    other.set_attention_backend("_native_math")
+    with apply(other, plan, recovery="proportional"):
+        folded = run(other, x, t, e)
+    torch.testing.assert_close(runs, folded, rtol=0, atol=2e-5)
 
 
 def test_recovery_window_limits_reinserted_frames(model, inputs):
