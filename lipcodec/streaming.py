@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from einops import rearrange
 
-from .attention import RECOVERY_MODES, fold_log_multiplicity, rotate
+from .attention import RECOVERY_MODES, KeyRuns, multiplicity_order, proportional_attention, rotate
 from .gop import GOP
 from .planners import get as get_planner
 from .planners import plan as make_plan
@@ -250,7 +250,8 @@ class _Pass:
     write: torch.Tensor  # (n,) cache rows the [kept; local dups; cache dups] K/V go to
     keys: int  # attention sees cache rows [0, keys)
     dups: _Dups | None
-    log_mult: torch.Tensor | None  # (keys,) proportional recovery
+    key_order: torch.Tensor | None  # (keys,) proportional: key rows in runs of equal multiplicity
+    runs: KeyRuns | None
 
 
 @attrs.define(eq=False)
@@ -546,10 +547,8 @@ class StreamRunner:
         cache_k[:, step.write] = torch.cat(keys, 1) if len(keys) > 1 else key  # the chunk's rows
         cache_v[:, step.write] = torch.cat(values, 1) if len(values) > 1 else value
         k, v = cache_k[:, : step.keys], cache_v[:, : step.keys]  # (B, Nk, H, D): [cache; chunk]
-        if step.log_mult is not None:
-            head_dim = query.shape[-1]
-            q, k, v, scale = fold_log_multiplicity(query, k, v, step.log_mult)
-            out = _sdpa(q, k, v, scale)[..., :head_dim]
+        if step.runs is not None:
+            out = proportional_attention(query, k[:, step.key_order], v[:, step.key_order], step.runs)
         else:
             out = _sdpa(query, k, v)
         out = out.flatten(2, 3).type_as(query)  # (B, Sk, H*D)
@@ -677,8 +676,10 @@ class StreamRunner:
                 write = used + torch.cat([keep, dups.local_ids, dups.cache_ids])  # sorted frame rows
             else:
                 write = used + torch.arange(sk + d, device=device)
-            log_mult = self._log_mult(a, s, src, keep) if mode == "proportional" and not identity else None
-            passes[phase] = _Pass(write, used + sk + d, dups, log_mult)
+            key_order = runs = None
+            if mode == "proportional" and not identity:
+                key_order, runs = multiplicity_order(self._multiplicity(a, s, src, keep))
+            passes[phase] = _Pass(write, used + sk + d, dups, key_order, runs)
         return _ChunkIndex(keep, identity, rope, src, passes["denoise"], passes["clean"])
 
     def _dups(self, a, s, src, keep, phase) -> _Dups:
@@ -727,8 +728,8 @@ class StreamRunner:
             out = torch.where(hit, fr.index * self.tpf + present[(rows - fr.start).clamp(0, fr.count - 1)], out)
         return out
 
-    def _log_mult(self, a, s, src, keep) -> torch.Tensor:
-        """log c_j per key row: 1 + reused tokens in the cached frames and the chunk that copy it."""
+    def _multiplicity(self, a, s, src, keep) -> torch.Tensor:
+        """c_j per key row: 1 + reused tokens in the cached frames and the chunk that copy it."""
         device, tpf, cache = self.model.device, self.tpf, self._cache
         n = s * tpf
         ids = torch.arange(a * tpf, a * tpf + n, device=device)
@@ -743,8 +744,7 @@ class StreamRunner:
         in_chunk = ref >= a * tpf
         rows = torch.where(in_chunk, cache.used + torch.searchsorted(keep, (ref - a * tpf).clamp(min=0)), rows)
         keys = cache.used + int(keep.numel())
-        count = torch.bincount(rows[rows >= 0], minlength=keys)[:keys]
-        return (1 + count).float().log()
+        return 1 + torch.bincount(rows[rows >= 0], minlength=keys)[:keys]
 
     def _commit(self, a: int, s: int, idx: _ChunkIndex):
         """Register the chunk's frames (K/V already written by the clean pass), then trim."""

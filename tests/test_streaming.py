@@ -15,6 +15,8 @@ Two references, both built on diffusers' own ``WanTransformer3DModel.forward``:
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import pytest
 import torch
@@ -481,7 +483,8 @@ def test_lipar_planner_streams_with_bounded_history(model):
 
 
 def test_proportional_multiplicities(model):
-    """log c_j per key row: 1 + the reused tokens of the cached frames and the chunk that copy it."""
+    """c_j per key row: 1 + the reused tokens of the cached frames and the chunk that copy it;
+    each pass orders the key rows in runs of equal multiplicity (attention.multiplicity_order)."""
     x, text = video(6)
     runner = StreamRunner(model, text, StreamConfig(chunk=3, recovery="proportional"), planner=SamePlace(0.5))
     runner.push(x[:, :, :3])  # chunk 0: computed in full, 48 rows
@@ -495,7 +498,12 @@ def test_proportional_multiplicities(model):
     for t in src[src != ids]:
         expected[row[int(t)]] += 1
     assert expected.max() >= 2
-    assert torch.allclose(idx.denoise.log_mult, expected.log()) and torch.equal(idx.clean.log_mult, idx.denoise.log_mult)
+    for step in (idx.denoise, idx.clean):
+        runs = step.runs
+        ordered = torch.cat([torch.full((end - start,), math.exp(c)) for start, end, c in runs.runs]
+                            + [runs.tail_log_mult.exp()])  # (keys,) c of each key in attention order
+        assert sorted(step.key_order.tolist()) == list(range(expected.numel()))
+        torch.testing.assert_close(ordered, expected[step.key_order])
 
 
 def test_target_kept_is_each_chunks_budget(model):
