@@ -334,6 +334,7 @@ class StreamRunner:
         self._out_hist: torch.Tensor | None = None  # (B, f*tpf, P) restored output tokens
         self._hist_start = 0  # first frame in both histories
         self._sources: dict[int, torch.Tensor] = {}  # frame -> (tpf,) stream token id each token copies
+        self._threshold_scale: float | None = None  # the last target_kept plan's: the next search starts there
         self._gen = None
 
     @torch.no_grad()
@@ -622,8 +623,10 @@ class StreamRunner:
         context = self._src_hist  # frames [hist_start, a + s)
         kwargs = self.plan_kwargs
         if kwargs.get("target_kept") is not None and isinstance(get_planner(self.planner, **kwargs), ReferencePlanner):
-            kwargs = {"budget_frames": s, **kwargs}  # the budget is the new chunk's, not the context's
+            # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
+            kwargs = {"budget_frames": s, "search_from": self._threshold_scale, **kwargs}
         plan = make_plan(context, self.planner, gop=self.gop, patch_size=self.patch, **kwargs)
+        self._threshold_scale = plan.meta.get("threshold_scale", self._threshold_scale)
         base = self._hist_start * self.tpf
         src = plan.source[-n:].to(ids.device) + base  # (N,)
         ahead = src // self.tpf > ids // self.tpf

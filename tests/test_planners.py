@@ -214,6 +214,28 @@ def test_target_kept_meets_the_budget_on_the_bundled_clip(planner):
         assert abs(last.kept_ratio - target) > 0.02  # the test can tell: the whole video is off budget
 
 
+def test_target_kept_search_from_a_scale(monkeypatch):
+    """search_from starts the budget search at a known scale (the streaming runner passes the
+    last chunk's): near the answer it needs a few decisions, far from it it still lands."""
+    from lipcodec.planners.reference import ReferencePlanner
+
+    video = read_video(fixtures.bundled_clip(), progress=False)
+    latents = pixel_proxy_latents(video.frames)[None]
+    decisions = []
+    decide = ReferencePlanner._decide
+    monkeypatch.setattr(ReferencePlanner, "_decide", lambda self, *a: decisions.append(a[-1]) or decide(self, *a))
+    cold = lipcodec.plan(latents, "lipar", target_kept=0.6)
+    cold_decisions = len(decisions)
+    for start in (cold.meta["threshold_scale"], 2.0**8, 2.0**-8):
+        decisions.clear()
+        warm = lipcodec.plan(latents, "lipar", target_kept=0.6, search_from=start)
+        assert abs(warm.kept_ratio - 0.6) <= abs(cold.kept_ratio - 0.6) + 0.01
+        assert decisions[0] == start  # the search starts where it was told
+        if start == cold.meta["threshold_scale"]:
+            assert len(decisions) <= 2 < cold_decisions
+            assert torch.equal(warm.source, cold.source)
+
+
 # -- parameters ----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "planner, params, message",

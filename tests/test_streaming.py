@@ -517,3 +517,4 @@ def test_target_kept_is_each_chunks_budget(model):
     assert chunks[0].kept_ratio == 1.0  # first_chunk="full"
     for c in chunks[1:]:
         assert abs(c.kept_ratio - 0.6) <= 1 / 12, [c.kept_ratio for c in chunks]  # within 1/4 frame's share
+    assert runner._threshold_scale is not None  # each chunk's search started at the previous chunk's scale

@@ -65,6 +65,10 @@ class ReferencePlanner:
         budget_frames: ``target_kept`` counts only the last this many latent frames (the
             streaming runner sets it to the new chunk: the budget is the chunk's, not its
             planning context's); None = the whole video.
+        search_from: ``target_kept`` starts its search at this threshold scale (a plan's
+            ``meta["threshold_scale"]``; the streaming runner passes the previous chunk's)
+            and steps out from it until the budget is bracketed: a few decisions instead of
+            a bisection over 2^-12..2^12. None = the full bisection.
     """
 
     tau1: float = attrs.field(default=0.15, converter=float, validator=_non_negative_or_none)
@@ -73,6 +77,7 @@ class ReferencePlanner:
     reverify: bool = True
     trim: tuple[float, float] = attrs.field(default=(0.2, 0.8), converter=lambda v: tuple(float(x) for x in v))
     budget_frames: int | None = attrs.field(default=None, converter=lambda v: None if v in (None, "none") else int(v))
+    search_from: float | None = attrs.field(default=None, converter=_float_or_none)
     name: str = "reference"
 
     # -- what a planner provides -------------------------------------------------------------
@@ -166,28 +171,46 @@ class ReferencePlanner:
         return Plan(grid, source, schedule, meta=meta)
 
     def _search_budget(self, ctx, tokens, matches, cache) -> Plan:
-        """Bisect a common scale of the thresholds (log2 space) for ``target_kept``."""
-        grid = ctx.grid
+        """Search a common scale of the thresholds (log2 space) for ``target_kept``: bisect
+        2^-12..2^12, or first step out from ``search_from`` until the budget is bracketed."""
+        grid, target = ctx.grid, self.target_kept
         frames = grid.frames if self.budget_frames is None else max(1, min(self.budget_frames, grid.frames))
+        found: list = [None, None]  # the plan nearest the budget and its kept ratio
 
-        def kept(plan) -> float:  # over the budgeted (last) frames
-            return float(plan.computed[-frames * grid.tokens_per_frame :].float().mean())
+        def kept_at(log_scale: float) -> float:  # kept ratio over the budgeted (last) frames
+            plan = self._decide(ctx, tokens, matches, cache, 2.0**log_scale)
+            ratio = float(plan.computed[-frames * grid.tokens_per_frame :].float().mean())
+            if found[0] is None or abs(ratio - target) < abs(found[1] - target):
+                found[:] = plan, ratio
+            return ratio
+
+        def done() -> bool:  # within an eighth of a frame's tokens of the budget: good enough
+            return abs(found[1] - target) * frames < 0.5 / 8
 
         lo, hi = -12.0, 12.0  # kept ratio falls as the scale grows
-        best = best_kept = None
+        if self.search_from is not None and self.search_from > 0:
+            start = min(max(math.log2(self.search_from), lo), hi)
+            up = kept_at(start) > target  # too many kept: the scale must grow
+            step, edge = 0.25, start
+            while not done() and lo < edge < hi:
+                if up:
+                    lo, edge = edge, min(edge + step, hi)
+                else:
+                    hi, edge = edge, max(edge - step, lo)
+                if (kept_at(edge) > target) != up:  # bracketed between the last two scales
+                    lo, hi = (lo, edge) if up else (edge, hi)
+                    break
+                step *= 2
         for _ in range(24):
+            if found[0] is not None and done():
+                break
             mid = (lo + hi) / 2
-            candidate = self._decide(ctx, tokens, matches, cache, 2.0**mid)
-            ratio = kept(candidate)
-            if best is None or abs(ratio - self.target_kept) < abs(best_kept - self.target_kept):
-                best, best_kept = candidate, ratio
-            if abs(best_kept - self.target_kept) * frames < 0.5 / 8:
-                break  # within an eighth of a frame's tokens of the budget: good enough
-            if ratio > self.target_kept:
+            if kept_at(mid) > target:
                 lo = mid
             else:
                 hi = mid
-        best.meta["target_kept"] = self.target_kept
+        best = found[0]
+        best.meta["target_kept"] = target
         return best
 
 
