@@ -169,30 +169,34 @@ class _Frame:
 
 class _Cache:
     """Per-block K (rotated) and V rows of the cached frames, frames contiguous and in order,
-    with room for one chunk after them (the tail, written by every forward)."""
+    with room for one chunk after them (the tail, written by every forward). The buffers
+    grow to the rows in use (a pruned stream caches only what it keeps), up to ``limit``."""
 
-    def __init__(self, blocks: int, shape: tuple[int, int, int, int], dtype, device, growable: bool):
+    def __init__(self, blocks: int, shape: tuple[int, int, int, int], dtype, device, limit: int | None):
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(blocks)]  # (B, rows, H, D)
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(blocks)]
         self.used = 0
         self.frames: list[_Frame] = []
-        self.growable = growable
+        self.limit = limit  # most rows ever needed (sink + window + chunk frames); None = unbounded
 
     @property
     def capacity(self) -> int:
         return self.k[0].shape[1]
 
     def reserve(self, rows: int):
-        if self.used + rows <= self.capacity:
+        """Room for ``rows`` rows after the used ones: grow every buffer to exactly that, one
+        block at a time (the old buffer is freed before the next is made)."""
+        size = self.used + rows
+        if size <= self.capacity:
             return
-        if not self.growable:
-            raise RuntimeError(f"KV cache overflow: {self.used} + {rows} rows > {self.capacity} (bug: report it)")
-        size = max(2 * self.capacity, self.used + rows)
+        if self.limit is not None and size > self.limit:
+            raise RuntimeError(f"KV cache overflow: {self.used} + {rows} rows > {self.limit} (bug: report it)")
         for buffers in (self.k, self.v):
             for i, old in enumerate(buffers):
                 new = old.new_zeros(old.shape[0], size, *old.shape[2:])
                 new[:, : self.used] = old[:, : self.used]
                 buffers[i] = new
+                del old
 
     def lookup(self, ids: torch.Tensor, tpf: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cache row (-1 if absent) and time position of stream token ids."""
@@ -423,10 +427,10 @@ class StreamRunner:
         self._shape = (b, c, h, w)
         self._hw = (h // self.patch[1], w // self.patch[2])
         self.tpf = self._hw[0] * self._hw[1]
-        frames = conf.sink + (conf.window if conf.window is not None else 3 * conf.chunk) + conf.chunk
-        shape = (b, frames * self.tpf, cfg.num_attention_heads, cfg.attention_head_dim)
+        limit = None if conf.window is None else (conf.sink + conf.window + conf.chunk) * self.tpf
+        shape = (b, conf.chunk * self.tpf, cfg.num_attention_heads, cfg.attention_head_dim)  # grows with use
         dtype = next(self.model.parameters()).dtype
-        self._cache = _Cache(len(self.model.blocks), shape, dtype, self.model.device, conf.window is None)
+        self._cache = _Cache(len(self.model.blocks), shape, dtype, self.model.device, limit)
         self._gen = torch.Generator(self.model.device).manual_seed(conf.seed)
 
     @property
@@ -667,7 +671,6 @@ class StreamRunner:
         t_pos = self._time_pos(ids // tpf)
         rope = self._rope_of(ids[keep], t_pos[keep])
         cache = self._cache
-        cache.reserve(n)
         used, sk = cache.used, int(keep.numel())
         passes = {}
         for phase in ("denoise", "clean"):
@@ -683,6 +686,7 @@ class StreamRunner:
             if mode == "proportional" and not identity:
                 key_order, runs = multiplicity_order(self._multiplicity(a, s, src, keep))
             passes[phase] = _Pass(write, used + sk + d, dups, key_order, runs)
+        cache.reserve(max(step.keys for step in passes.values()) - used)  # the rows this chunk writes
         return _ChunkIndex(keep, identity, rope, src, passes["denoise"], passes["clean"])
 
     def _dups(self, a, s, src, keep, phase) -> _Dups:

@@ -414,6 +414,25 @@ def test_pruned_stream_restores_references(model, recovery):
     assert torch.isfinite(out).all()
 
 
+def test_cache_grows_to_the_rows_in_use(model):
+    """The KV cache is allocated for the rows a chunk writes, not for full frames: a `none`
+    stream caches kept rows only and stays below the full-frame bound that `duplicate`
+    (every row of every cached frame) reaches."""
+    x, text = video(9)
+    capacity = {}
+    for recovery in ("none", "duplicate"):
+        runner = StreamRunner(model, text, StreamConfig(chunk=3, window=4, recovery=recovery), planner=SamePlace(0.5))
+        chunks = runner.push(x)
+        cache = runner._cache
+        assert cache.limit == (1 + 4 + 3) * TPF
+        assert sum(fr.count for fr in cache.frames) == cache.used <= cache.capacity <= cache.limit
+        capacity[recovery] = (cache.capacity, [c.kept for c in chunks])
+    assert capacity["duplicate"][0] == (1 + 4 + 3) * TPF
+    cap, kept = capacity["none"]
+    # the most rows ever written: chunk 2 on frames 0 (sink), 2 (full, chunk 0) and 3-5 (chunk 1's kept rows)
+    assert cap == 2 * TPF + kept[1] + kept[2] < (1 + 4 + 3) * TPF, (cap, kept)
+
+
 def test_recovery_modes_differ_where_they_should(model):
     x, text = video(6)
     runs = {}
