@@ -2,6 +2,8 @@
 
     python scripts/train_reference.py --stage both --minutes 7 --out runs/ref       # GPU
     python scripts/train_reference.py --stage dit --minutes 4 --out runs/ref2 --resume runs/ref
+    python scripts/train_reference.py --stage decoder --minutes 6 --ae-lr 3e-4 --out runs/ref3 \
+        --resume lipcodec/models/weights/reference.safetensors   # sharpen the decoder only
     python scripts/train_reference.py --stage both --minutes 1 --out /tmp/smoke --small  # CPU smoke test
 
 Seeded; stops itself after --minutes of wall clock (the budget is split between the
@@ -12,7 +14,9 @@ lipcodec/models/weights/), and log.json (losses, PSNR, steps, time, device).
 
 Autoencoder: MSE + 0.1 L1 on [-1, 1] pixels, latent noise (5 % of the latent std) half the
 time so the decoder tolerates denoiser outputs; afterwards per-channel latent mean/std are
-measured and stored (latents are normalised like Wan's).
+measured and stored (latents are normalised like Wan's). ``--stage decoder`` trains the
+decoder alone on a frozen encoder: the latent space, its normalisation and so the trained
+denoiser stay valid.
 
 Denoiser (WanTransformer3DModel): for a clip x and a random word w, the target is
 z_e = E(edit_w(x)), the source z_s = E(x). SDEdit starts at strength s0 from
@@ -65,9 +69,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 AE_SHAPES = [(17, 128, 128, 8), (17, 96, 128, 12), (13, 96, 96, 16), (9, 64, 64, 32), (17, 64, 128, 16)]
 
 
-def train_ae(model, sampler, args, state, until: float):
-    ae = model.ae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(ae.parameters(), lr=args.ae_lr, weight_decay=0.0)
+def train_ae(model, sampler, args, state, until: float, decoder_only: bool = False):
+    ae = model.ae.train().requires_grad_(not decoder_only)
+    if decoder_only:  # the frozen encoder keeps the latents the denoiser was trained on
+        ae.encoder.eval()
+        ae.decoder.requires_grad_(True)
+    params = [p for p in ae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.ae_lr, weight_decay=0.0)
+    before = holdout_psnr(model, state) if decoder_only else None
+    if before is not None:
+        log_line(state, f"held-out PSNR before: {before}")
     dev, amp = state["device"], state["amp"]
     start, step, hist = time.perf_counter(), 0, []
     span = max(until - start, 1.0)
@@ -78,7 +89,8 @@ def train_ae(model, sampler, args, state, until: float):
         for g in opt.param_groups:
             g["lr"] = lr_at((time.perf_counter() - start) / span, step, args.ae_lr)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            z = ae.encode(x)
+            with torch.set_grad_enabled(not decoder_only):
+                z = ae.encode(x)
             if step % 2:
                 z = z + 0.05 * z.detach().std() * torch.randn_like(z)
             y = ae.decode(z)
@@ -86,7 +98,7 @@ def train_ae(model, sampler, args, state, until: float):
         loss = F.mse_loss(y, x) + 0.1 * F.l1_loss(y, x) + 1e-5 * z.float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         if step % 50 == 0:
@@ -94,12 +106,14 @@ def train_ae(model, sampler, args, state, until: float):
             hist.append({"step": step, "loss": round(loss.item(), 5), "psnr": round(p, 2)})
             if step % 200 == 0:
                 log_line(state, f"ae step {step} loss {loss.item():.4f} train psnr {p:.2f}")
-    state["log"]["ae"] = {"steps": step, "seconds": round(time.perf_counter() - start, 1), "history": hist,
-                          "lr": args.ae_lr}
+    state["log"]["decoder" if decoder_only else "ae"] = log = {
+        "steps": step, "seconds": round(time.perf_counter() - start, 1), "history": hist, "lr": args.ae_lr,
+        **({"holdout_psnr_before": before} if decoder_only else {})}
     ae.eval().requires_grad_(False)
-    latent_stats(model, sampler, state)
-    state["log"]["ae"]["holdout_psnr"] = holdout_psnr(model, state)
-    log_line(state, f"ae done: {step} steps, held-out PSNR {state['log']['ae']['holdout_psnr']}")
+    if not decoder_only:
+        latent_stats(model, sampler, state)
+    log["holdout_psnr"] = holdout_psnr(model, state)
+    log_line(state, f"{'decoder' if decoder_only else 'ae'} done: {step} steps, held-out PSNR {log['holdout_psnr']}")
 
 
 @torch.no_grad()
@@ -237,7 +251,7 @@ def save_all(model, out: Path, state, final: bool):
     dit["embeddings"] = model.embeddings.detach().float().cpu()
     torch.save(dit, out / "dit.pt")  # EMA weights
     model.save(out / "reference.safetensors", metadata={"training": {k: v for k, v in state["log"].items()
-                                                                     if k not in ("ae", "dit")}})
+                                                                     if k not in ("ae", "dit", "decoder")}})
     (out / "log.json").write_text(json.dumps(state["log"], indent=1))
 
 
@@ -262,7 +276,8 @@ def load_resume(model, folder: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=("ae", "dit", "both"), default="both")
+    p.add_argument("--stage", choices=("ae", "dit", "both", "decoder"), default="both",
+                   help="decoder: fine-tune the decoder alone (frozen encoder, the denoiser stays valid)")
     p.add_argument("--minutes", type=float, default=7.0, help="wall-clock budget, data loading included")
     p.add_argument("--ae-share", type=float, default=0.4, help="share of the budget for the autoencoder (both)")
     p.add_argument("--out", type=Path, required=True)
@@ -289,9 +304,9 @@ def main(argv=None):
     model = Reference.build(CONFIG, seed=args.seed)
     if args.resume is not None:
         prev = load_resume(model, args.resume)
-        state["log"]["resumed_from"] = {k: prev.get(k) for k in ("ae", "dit") if k in prev}
+        state["log"]["resumed_from"] = {k: prev.get(k) for k in ("ae", "dit", "decoder") if k in prev}
         state["offset"] = 1000 + int(prev.get("dit", {}).get("steps", 0))
-        for k in ("ae", "dit"):
+        for k in ("ae", "dit", "decoder"):
             if k in prev:
                 state["log"][f"previous_{k}"] = {kk: prev[k].get(kk) for kk in ("steps", "seconds", "holdout_psnr")}
     model.to(dev)
@@ -304,7 +319,9 @@ def main(argv=None):
         train_ae(model, sampler, args, state, ae_until)
         save_all(model, args.out, state, final=args.stage == "ae")
     elif args.resume is None:
-        raise SystemExit("--stage dit needs --resume FOLDER with a trained ae.pt")
+        raise SystemExit(f"--stage {args.stage} needs --resume (a previous --out folder or a reference .safetensors)")
+    if args.stage == "decoder":
+        train_ae(model, sampler, args, state, deadline, decoder_only=True)
     if args.stage in ("dit", "both"):
         model.ae.eval().requires_grad_(False)
         try:
