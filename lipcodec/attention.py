@@ -7,12 +7,12 @@ Modes (the math in short; docs/executor.md has the rest):
 - ``none``: kept tokens attend to kept tokens only (this processor is not even installed).
 - ``proportional`` (ToMe): logit(i, j) += log c_j, where kept key j stands for c_j tokens.
   The executor orders kept tokens so that keys of equal multiplicity are contiguous runs;
-  the most common multiplicity (c = 1: 85-95% of keys on real plans) gets one plain
-  128-wide attention call that returns its log-sum-exp, and the other keys share one call
-  with the bias folded into an extra q/k channel - q gets ``a``, k gets
-  ``log c_j / (a * scale)`` (head zero-padded to a multiple of 8, which the kernels run
-  slower). The two merge exactly by their log-sum-exps (+ log c). No (N, N) bias exists and
-  every call is a fused kernel (the one SDPA, or the ``_native_*`` backend set on the model,
+  every multiplicity shared by at least ``MIN_RUN`` keys (on real plans: c = 1, 85-95% of
+  keys) gets one plain 128-wide attention call that returns its log-sum-exp, and the other
+  keys share one call with the bias folded into an extra q/k channel - q gets ``a``, k gets
+  ``log c_j / (a * scale)`` (head zero-padded to 160, which the kernels run slower). The
+  calls merge exactly by their log-sum-exps (+ log c). No (N, N) bias exists and every
+  call is a fused kernel (the one SDPA, or the ``_native_*`` backend set on the model,
   would use). With a non-SDPA diffusers backend (flash-attn packages, ``_native_math``, ...)
   the whole key set takes one folded call through that backend instead.
 - ``duplicate`` (LIPAR's M-degree recovery): reused tokens re-enter as keys/values, copied
@@ -31,7 +31,11 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 RECOVERY_MODES = ("none", "proportional", "duplicate", "clean")
-EXACT_RUNS = 1  # multiplicities with their own plain call (c = 1: most keys); the others share a folded call
+# a multiplicity shared by at least this many keys gets its own plain 128-wide call; rarer ones
+# share one folded (160-wide) call. Break-even measured on an H200 (cuDNN, 12 heads): an extra
+# call + merge costs ~0.1 ms at 16k queries, a key moved out of the folded call saves ~1e-4 ms
+# at 16k queries - both scale with the queries, so the break-even is ~1000 keys at any length.
+MIN_RUN = 1024
 _SDPA_KERNELS = {  # diffusers backends that are PyTorch SDPA -> the fused kernel they force (None: SDPA picks)
     AttentionBackendName.NATIVE: None,
     AttentionBackendName._NATIVE_FLASH: SDPBackend.FLASH_ATTENTION,
@@ -50,16 +54,17 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return out.type_as(x)
 
 
-def fold_log_multiplicity(q, k, v, log_mult):
+def fold_log_multiplicity(q, k, v, log_mult, multiple: int = 8):
     """Append one q/k channel so that softmax(scale * q.k) gains + log c_j per key j.
 
-    q (B, Sq, H, D), k/v (B, Sk, H, D), log_mult (Sk,). Returns padded q, k, v and the
-    explicit scale (the original 1/sqrt(D): the temperature is unchanged).
+    q (B, Sq, H, D), k/v (B, Sk, H, D), log_mult (Sk,). Returns q, k, v zero-padded to a
+    head width that is a multiple of ``multiple``, and the explicit scale (the original
+    1/sqrt(D): the temperature is unchanged).
     """
     b, sq, h, d = q.shape
     scale = d**-0.5
     a = d**0.25  # splits the magnitude between q and k: keeps bf16 rounding small on both sides
-    pad = (-(d + 1)) % 8
+    pad = (-(d + 1)) % multiple
     q_extra = q.new_full((b, sq, h, 1), a)  # (B, Sq, H, 1)
     k_extra = (log_mult / (a * scale)).to(k.dtype)[None, :, None, None].expand(b, -1, h, 1)  # (B, Sk, H, 1)
     q = torch.cat([q, q_extra, q.new_zeros(b, sq, h, pad)], -1)  # (B, Sq, H, D + 1 + pad)
@@ -78,15 +83,17 @@ class KeyRuns:
     tail_log_mult: torch.Tensor  # (Sk - tail,) float32
 
 
-def multiplicity_order(mult: torch.Tensor, exact: int | None = None) -> tuple[torch.Tensor, KeyRuns]:
+def multiplicity_order(mult: torch.Tensor, min_run: int | None = None) -> tuple[torch.Tensor, KeyRuns]:
     """The order of kept keys that makes runs of equal multiplicity, and those runs.
 
-    mult (Sk,) int: tokens each kept key stands for. The ``exact`` most common multiplicities
-    get a run each (in that order), every other key goes to the tail. Returns ``perm`` (Sk,)
-    (new order = old[perm]) and the :class:`KeyRuns`. One host sync (once per plan)."""
-    exact = EXACT_RUNS if exact is None else exact
+    mult (Sk,) int: tokens each kept key stands for. Every multiplicity shared by at least
+    ``min_run`` keys (default :data:`MIN_RUN`) gets a run, most common first; every other key
+    goes to the tail. Returns ``perm`` (Sk,) (new order = old[perm]) and the
+    :class:`KeyRuns`. One host sync (once per plan)."""
+    min_run = MIN_RUN if min_run is None else min_run
     values, counts = mult.unique(return_counts=True)
-    top = counts.argsort(descending=True, stable=True)[:exact]
+    top = counts.argsort(descending=True, stable=True)
+    top = top[counts[top] >= min_run]
     group = torch.full_like(mult, len(top))  # (Sk,) run index; len(top) = the tail
     for i, j in enumerate(top.tolist()):
         group[mult == values[j]] = i
@@ -124,7 +131,9 @@ def proportional_attention(q, k, v, runs: KeyRuns, kernel: SDPBackend | None = N
     q (B, Sq, H, D), k/v (B, Sk, H, D) -> (B, Sq, H, D), scale 1/sqrt(D).
 
     Each part's output enters by one ``lerp`` with its share of the softmax mass so far,
-    exp(lse_part - logaddexp(lse_so_far, lse_part)): one elementwise pass per extra part."""
+    sigmoid(lse_part - lse_so_far): one elementwise pass per extra part. The folded tail is
+    padded to a 160-wide head (129 -> 160, not 136): no SDPA kernel runs 160 slower than
+    136, cuDNN up to 8% faster (docs/benchmarks.md, attention kernel table)."""
     d, out, lse = q.shape[-1], None, None
     parts = [(k[:, start:end], v[:, start:end], log_c) for start, end, log_c in runs.runs]
     if runs.tail < k.shape[1]:
@@ -134,14 +143,13 @@ def proportional_attention(q, k, v, runs: KeyRuns, kernel: SDPBackend | None = N
             part, part_lse = attention_lse(q, key, value, d**-0.5, kernel)
             part_lse = part_lse + log_c
         else:  # the tail: mixed multiplicities folded into an extra channel
-            part, part_lse = attention_lse(*fold_log_multiplicity(q, key, value, log_c), kernel)
+            part, part_lse = attention_lse(*fold_log_multiplicity(q, key, value, log_c, multiple=32), kernel)
             part = part[..., :d]
         if out is None:
             out, lse = part, part_lse
             continue
-        total = torch.logaddexp(lse, part_lse)  # (B, H, Sq)
-        share = (part_lse - total).exp().transpose(1, 2).unsqueeze(-1)  # (B, Sq, H, 1)
-        out, lse = torch.lerp(out, part, share.to(out.dtype)), total
+        share = torch.sigmoid(part_lse - lse).transpose(1, 2).unsqueeze(-1)  # (B, Sq, H, 1)
+        out, lse = torch.lerp(out, part, share.to(out.dtype)), torch.logaddexp(lse, part_lse)
     return out
 
 

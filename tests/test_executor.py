@@ -204,15 +204,15 @@ def test_proportional_fold_equals_explicit_log_bias():
     torch.testing.assert_close(folded[..., :12], explicit, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("exact", [0, 1, 2, 9])
-def test_proportional_runs_equal_the_explicit_log_bias(exact):
+@pytest.mark.parametrize("min_run, expected", [(99, []), (5, [1]), (2, [1, 2, 3]), (1, [1, 2, 3, 5, 7])])
+def test_proportional_runs_equal_the_explicit_log_bias(min_run, expected):
     """Keys split into runs of equal multiplicity (one call each, merged by log-sum-exp) plus
     a folded tail give softmax(q.k / sqrt(D) + log c) v, whatever the split."""
     g = torch.Generator().manual_seed(1)
     mult = torch.tensor([1, 3, 1, 2, 7, 1, 3, 1, 2, 1, 5])  # (Sk,)
-    perm, runs = multiplicity_order(mult, exact)
+    perm, runs = multiplicity_order(mult, min_run)
     assert sorted(perm.tolist()) == list(range(11))
-    assert [round(math.exp(c)) for _, _, c in runs.runs] == [1, 2, 3, 5, 7][:exact]  # most common first (ties: smaller c)
+    assert [round(math.exp(c)) for _, _, c in runs.runs] == expected  # most common first (ties: smaller c)
     for start, end, log_c in runs.runs:
         assert torch.all(mult[perm][start:end] == round(math.exp(log_c)))
     torch.testing.assert_close(runs.tail_log_mult, mult[perm][runs.tail :].float().log())
@@ -223,17 +223,19 @@ def test_proportional_runs_equal_the_explicit_log_bias(exact):
     torch.testing.assert_close(proportional_attention(q, k, v, runs), explicit, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("exact", [0, 1, 3])
-def test_proportional_runs_equal_one_folded_call_in_the_model(model, inputs, monkeypatch, exact):
+@pytest.mark.parametrize("min_run", [10**6, 30, 1])
+def test_proportional_runs_equal_one_folded_call_in_the_model(model, inputs, monkeypatch, min_run):
     """In the model, the runs path (PyTorch SDPA) equals the single folded call another
     attention backend takes; the plan has several multiplicities (chains over 3 frames)."""
-    monkeypatch.setattr(lipcodec.attention, "EXACT_RUNS", exact)
+    monkeypatch.setattr(lipcodec.attention, "MIN_RUN", min_run)
     x, t, e = inputs
     plan = reuse_plan((3, 8, 8), frac=0.6)
     assert len(plan.multiplicity.unique()) >= 3
     with apply(model, plan, recovery="proportional") as codec:
         runs = run(model, x, t, e)
-        assert codec._prepared[x.device].runs.tail < plan.num_kept or exact > 2
+        split = codec._prepared[x.device].runs  # c = 1, 2, 3 on 55, 34, 23 keys
+        expected = {10**6: (0, 0), 30: (2, 89), 1: (3, plan.num_kept)}[min_run]  # (runs, first tail key)
+        assert (len(split.runs), split.tail) == expected, split
     other = copy.deepcopy(model)
     other.set_attention_backend("_native_math")
     with apply(other, plan, recovery="proportional"):
