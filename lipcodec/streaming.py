@@ -184,15 +184,13 @@ class _Cache:
         return self.k[0].shape[1]
 
     def reserve(self, rows: int):
-        """Room for ``rows`` rows after the used ones, one block at a time (the old buffer is
-        freed before the next is made): exactly that with a window (it stops growing once the
-        window is full), by half again at least without one (amortised copies)."""
-        need = self.used + rows
-        if need <= self.capacity:
+        """Room for ``rows`` rows after the used ones: grow every buffer to exactly that, one
+        block at a time (the old buffer is freed before the next is made)."""
+        size = self.used + rows
+        if size <= self.capacity:
             return
-        if self.limit is not None and need > self.limit:
+        if self.limit is not None and size > self.limit:
             raise RuntimeError(f"KV cache overflow: {self.used} + {rows} rows > {self.limit} (bug: report it)")
-        size = need if self.limit is not None else max(need, self.capacity * 3 // 2)
         for buffers in (self.k, self.v):
             for i, old in enumerate(buffers):
                 new = old.new_zeros(old.shape[0], size, *old.shape[2:])
