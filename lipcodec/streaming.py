@@ -185,7 +185,9 @@ class _Cache:
 
     def reserve(self, rows: int):
         """Room for ``rows`` rows after the used ones: grow every buffer to exactly that, one
-        block at a time (the old buffer is freed before the next is made)."""
+        block at a time (the old buffer is freed before the next is made). Exact, not
+        geometric: a windowed cache stops growing once the window is full, and an unbounded
+        one is short in practice (its memory runs out long before the copies matter)."""
         size = self.used + rows
         if size <= self.capacity:
             return
