@@ -19,6 +19,7 @@ from diffusers import (  # noqa: E402
     WanTransformer3DModel,
     WanVideoToVideoPipeline,
 )
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
 from einops import rearrange  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -228,6 +229,11 @@ def test_proportional_runs_equal_one_folded_call_in_the_model(model, inputs, mon
     """In the model, the runs path (PyTorch SDPA) equals the single folded call another
     attention backend takes; the plan has several multiplicities (chains over 3 frames)."""
     monkeypatch.setattr(lipcodec.attention, "MIN_RUN", min_run)
+    # set_attention_backend also sets diffusers' process-wide default: restore it afterwards
+    monkeypatch.setattr(_AttentionBackendRegistry, "_active_backend", AttentionBackendName.NATIVE)
+    calls = []
+    runs_attention = lipcodec.attention.proportional_attention
+    monkeypatch.setattr(lipcodec.attention, "proportional_attention", lambda *a: calls.append(1) or runs_attention(*a))
     x, t, e = inputs
     plan = reuse_plan((3, 8, 8), frac=0.6)
     assert len(plan.multiplicity.unique()) >= 3
@@ -236,10 +242,12 @@ def test_proportional_runs_equal_one_folded_call_in_the_model(model, inputs, mon
         split = codec._prepared[x.device].runs  # c = 1, 2, 3 on 55, 34, 23 keys
         expected = {10**6: (0, 0), 30: (2, 89), 1: (3, plan.num_kept)}[min_run]  # (runs, first tail key)
         assert (len(split.runs), split.tail) == expected, split
+    assert len(calls) == len(model.blocks)  # the runs path ran in every block
     other = copy.deepcopy(model)
     other.set_attention_backend("_native_math")
     with apply(other, plan, recovery="proportional"):
         folded = run(other, x, t, e)
+    assert len(calls) == len(model.blocks)  # ... and not with the other backend
     torch.testing.assert_close(runs, folded, rtol=0, atol=2e-5)
 
 
