@@ -33,6 +33,7 @@ re-rotated back by the shift (LIPAR's policy); sink frames keep their positions.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -616,6 +617,12 @@ class StreamRunner:
         hist = source if self._src_hist is None else torch.cat([self._src_hist, source], 2)
         self._src_hist = hist
 
+    @functools.cached_property
+    def _chunk_budget(self) -> bool:
+        """Whether ``target_kept`` is a threshold planner's budget (set per chunk); decided once."""
+        kwargs = self.plan_kwargs
+        return kwargs.get("target_kept") is not None and isinstance(get_planner(self.planner, **kwargs), ReferencePlanner)
+
     @property
     def _intra(self) -> bool:
         return isinstance(self.planner, str) and self.planner == "intra"
@@ -628,8 +635,7 @@ class StreamRunner:
             return ids
         context = self._src_hist  # frames [hist_start, a + s)
         kwargs = self.plan_kwargs
-        if kwargs.get("target_kept") is not None and isinstance(get_planner(self.planner, **kwargs), ReferencePlanner):
-            # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
+        if self._chunk_budget:  # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
             kwargs = {"budget_frames": s, "search_from": self._threshold_scale, **kwargs}
         plan = make_plan(context, self.planner, gop=self.gop, patch_size=self.patch, **kwargs)
         self._threshold_scale = plan.meta.get("threshold_scale", self._threshold_scale)
@@ -675,6 +681,9 @@ class StreamRunner:
         cache = self._cache
         used, sk = cache.used, int(keep.numel())
         passes = {}
+        key_order = runs = None  # the same key rows in both passes: their multiplicities too
+        if mode == "proportional" and not identity:
+            key_order, runs = multiplicity_order(self._multiplicity(a, s, src, keep))
         for phase in ("denoise", "clean"):
             dups = None if identity or mode in ("none", "proportional") else self._dups(a, s, src, keep, phase)
             d = 0 if dups is None else dups.count
@@ -684,9 +693,6 @@ class StreamRunner:
                 write = used + torch.cat([keep, dups.local_ids, dups.cache_ids])  # sorted frame rows
             else:
                 write = used + torch.arange(sk + d, device=device)
-            key_order = runs = None
-            if mode == "proportional" and not identity:
-                key_order, runs = multiplicity_order(self._multiplicity(a, s, src, keep))
             passes[phase] = _Pass(write, used + sk + d, dups, key_order, runs)
         cache.reserve(max(step.keys for step in passes.values()) - used)  # the rows this chunk writes
         return _ChunkIndex(keep, identity, rope, src, passes["denoise"], passes["clean"])
