@@ -243,6 +243,7 @@ def test_target_kept_search_from_a_scale(monkeypatch):
         ("lipar", {"tau1": -0.1}, "tau1=-0.1 is out of range"),
         ("lipar", {"tau2": float("inf")}, "tau2=inf is out of range"),
         ("lipar", {"target_kept": 1.5}, "target_kept=1.5 is out of range"),
+        ("lipar", {"search_from": 0}, "search_from=0.0 is out of range"),
         ("lipar", {"dilation": "3,5"}, "three positive ints"),
         ("motion", {"radius": 40}, "radius=40 is out of range"),
         ("lipar", {"radius": 2}, "planner 'lipar'.*radius"),

@@ -38,6 +38,11 @@ def _non_negative_or_none(instance, attribute, value):
         raise ValueError(f"{attribute.name}={value} is out of range: use a finite threshold >= 0, or None to disable")
 
 
+def _positive_or_none(instance, attribute, value):
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{attribute.name}={value} is out of range: use a finite threshold scale > 0, or None")
+
+
 def _float_or_none(value):
     return None if value is None or value == "none" else float(value)
 
@@ -77,7 +82,7 @@ class ReferencePlanner:
     reverify: bool = True
     trim: tuple[float, float] = attrs.field(default=(0.2, 0.8), converter=lambda v: tuple(float(x) for x in v))
     budget_frames: int | None = attrs.field(default=None, converter=lambda v: None if v in (None, "none") else int(v))
-    search_from: float | None = attrs.field(default=None, converter=_float_or_none)
+    search_from: float | None = attrs.field(default=None, converter=_float_or_none, validator=_positive_or_none)
     name: str = "reference"
 
     # -- what a planner provides -------------------------------------------------------------
@@ -188,7 +193,7 @@ class ReferencePlanner:
             return abs(found[1] - target) * frames < 0.5 / 8
 
         lo, hi = -12.0, 12.0  # kept ratio falls as the scale grows
-        if self.search_from is not None and self.search_from > 0:
+        if self.search_from is not None:
             start = min(max(math.log2(self.search_from), lo), hi)
             up = kept_at(start) > target  # too many kept: the scale must grow
             step, edge = 0.25, start
