@@ -166,9 +166,7 @@ class WanRecoveryProcessor:
     _parallel_config = None
 
     def __init__(self, state, block: int, mode: str):
-        if mode not in RECOVERY_MODES:
-            raise ValueError(f"unknown recovery {mode!r}; valid: {', '.join(RECOVERY_MODES)}")
-        self.state, self.block, self.mode = state, block, mode
+        self.state, self.block, self.mode = state, block, check_recovery(mode)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         call = self.state.call
