@@ -27,7 +27,8 @@ import lipcodec  # noqa: E402
 import lipcodec.testing  # noqa: E402
 from lipcodec import Grid, Plan  # noqa: E402
 from lipcodec.attention import (  # noqa: E402
-    RECOVERY_MODES, fold_log_multiplicity, multiplicity_order, proportional_attention,
+    MAX_PARTS, RECOVERY_MODES, attention_lse, fold_log_multiplicity, merge_attention, multiplicity_order,
+    proportional_attention, rotate,
 )
 from lipcodec.executor import adapters, apply, remove  # noqa: E402
 
@@ -222,6 +223,57 @@ def test_proportional_runs_equal_the_explicit_log_bias(min_run, expected):
     logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / 4 + mult[perm].float().log()
     explicit = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v)
     torch.testing.assert_close(proportional_attention(q, k, v, runs), explicit, rtol=0, atol=1e-5)
+
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton merge)")
+
+
+@pytest.mark.parametrize("device, dtype, atol", [
+    ("cpu", torch.float32, 1e-5), pytest.param("cuda", torch.bfloat16, 8e-3, marks=NEEDS_CUDA)])
+@pytest.mark.parametrize("sizes", [(40, 24), (7, 9, 30, 2, 5, 11, 1, 3)])
+def test_merge_attention_equals_attention_over_the_union(device, dtype, atol, sizes):
+    """Attention over each part of a key split, merged by log-sum-exp, is attention over all
+    keys - also when a part's output is a slice of a wider head (the folded tail's layout)."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 33, 3, 128, generator=g).to(device, dtype)  # (B, Sq, H, D)
+    k, v = (torch.randn(2, sum(sizes), 3, 128, generator=g).to(device, dtype) for _ in range(2))
+    parts, start = [], 0
+    for i, n in enumerate(sizes):
+        key, value = k[:, start : start + n], v[:, start : start + n]
+        if i == 1:  # padded to 160 and sliced back, as the folded tail comes out
+            out, lse = attention_lse(*(torch.nn.functional.pad(z, (0, 32)) for z in (q, key, value)), 128**-0.5)
+            out = out[..., :128]
+        else:
+            out, lse = attention_lse(q, key, value, 128**-0.5)
+        parts.append((out, lse))
+        start += n
+    assert len(parts) <= MAX_PARTS
+    whole = torch.nn.functional.scaled_dot_product_attention(*(z.float().transpose(1, 2) for z in (q, k, v))).transpose(1, 2)
+    merged = merge_attention(parts)
+    assert merged.dtype == dtype and merged.shape == q.shape
+    torch.testing.assert_close(merged.float(), whole, rtol=0, atol=atol)
+
+
+def test_proportional_attention_rotates_into_the_folded_head():
+    """Given the RoPE tables, proportional_attention rotates q and k itself (into the wider
+    head of the folded call): the same result as rotating first, inputs untouched."""
+    g = torch.Generator().manual_seed(3)
+    mult = torch.tensor([1, 1, 2, 1, 3, 1, 1, 2, 5, 1, 1, 4])
+    perm, runs = multiplicity_order(mult, 3)  # a c = 1 run and a folded tail
+    assert runs.runs and runs.tail < len(mult)
+    q, k, v = (torch.randn(2, 12, 3, 16, generator=g) for _ in range(3))
+    angle = torch.randn(1, 12, 1, 16, generator=g)
+    cos, sin = angle.cos(), angle.sin()
+    before = [z.clone() for z in (q, k, v)]
+    rotated_first = proportional_attention(rotate(q, cos, sin), rotate(k, cos, sin), v, runs)
+    torch.testing.assert_close(proportional_attention(q, k, v, runs, rope=(cos, sin)), rotated_first, rtol=0, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
+
+
+def test_multiplicity_order_caps_the_runs():
+    mult = torch.arange(1, 13).repeat_interleave(3)  # 12 multiplicities, 3 keys each
+    _, runs = multiplicity_order(mult, 1)
+    assert len(runs.runs) == MAX_PARTS - 1 and runs.tail == 3 * (MAX_PARTS - 1)
 
 
 @pytest.mark.parametrize("min_run", [10**6, 30, 1])
