@@ -931,14 +931,15 @@ def prepare(
 
 
 def fidelity_of(reference: Run, run: Run, *, reference_warp: float | None = None) -> dict:
-    """Pruned vs unpruned: mean and per-frame PSNR/SSIM (pixels in [0, 1]), latent PSNR/MSE,
-    warp error of both outputs (``reference_warp`` if already known), speed-up."""
+    """Pruned vs unpruned: PSNR (MSE pooled over frames, :func:`metrics.pooled_psnr`) and mean
+    SSIM, per-frame PSNR/SSIM (pixels in [0, 1]), latent PSNR/MSE, warp error of both
+    outputs (``reference_warp`` if already known), speed-up."""
     frame_psnr = metrics.psnr(reference.pixels, run.pixels)
     frame_ssim = metrics.ssim(reference.pixels, run.pixels)
     lat = metrics.latent_error(reference.latents, run.latents)
     several = len(run.pixels) > 1
     return {
-        "psnr": metrics.mean_db(frame_psnr), "ssim": float(frame_ssim.mean()),
+        "psnr": metrics.pooled_psnr(frame_psnr), "ssim": float(frame_ssim.mean()),
         "latent_psnr": lat.psnr, "latent_mse": lat.mse,
         "warp_error": float(metrics.warp_error(run.pixels).mean()) if several else 0.0,
         "unpruned_warp_error": reference_warp if reference_warp is not None else (

@@ -68,14 +68,16 @@ def ssim(reference, test) -> np.ndarray:
     return np.array([structural_similarity(a, b, data_range=1.0, channel_axis=-1) for a, b in zip(ref, out)])
 
 
-def mean_db(values) -> float:
-    """Mean of per-frame dB values: inf only when every frame is identical (inf); otherwise
-    identical frames count as 100 dB so one perfect frame does not make the mean infinite."""
-    values = np.asarray(values, np.float64)
-    finite = values[np.isfinite(values)]
-    if len(finite) == 0:
-        return float(values.mean()) if len(values) else float("nan")
-    return float(finite.mean()) if len(finite) == len(values) else float(np.mean(np.minimum(values, 100.0)))
+def pooled_psnr(frame_psnr) -> float:
+    """A video's PSNR from its per-frame PSNRs (frames of one size, data range 1): the MSE
+    pooled over all frames, ``-10 log10(mean_t 10^(-dB_t / 10))``. Identical frames add no
+    error; ``inf`` only when every frame is identical. (A mean of per-frame dB would need a
+    cap for identical frames, and the cap - not the error - would then set the number.)"""
+    values = np.asarray(frame_psnr, np.float64)
+    if not len(values):
+        return float("nan")
+    mse = np.mean(10.0 ** (-values / 10.0))  # inf dB -> 0
+    return float("inf") if mse == 0 else float(-10.0 * np.log10(mse))
 
 
 # -- latent space ----------------------------------------------------------------------------
@@ -249,5 +251,5 @@ def perceptual(name: str, reference, test) -> np.ndarray:
 
 __all__ = [
     "KeptTokens", "LatentError", "as_unit_float", "flow", "kept_tokens", "latent_error", "perceptual",
-    "mean_db", "perceptual_metrics", "psnr", "register_perceptual", "speedup", "ssim", "warp", "warp_error",
+    "perceptual_metrics", "pooled_psnr", "psnr", "register_perceptual", "speedup", "ssim", "warp", "warp_error",
 ]

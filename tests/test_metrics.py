@@ -92,7 +92,17 @@ def test_perceptual_hook():
     assert value == pytest.approx([0.25, 0.25])
 
 
-def test_mean_db():
-    assert metrics.mean_db([20.0, 30.0]) == 25.0
-    assert metrics.mean_db([math.inf, math.inf]) == math.inf
-    assert metrics.mean_db([math.inf, 20.0]) == 60.0  # identical frames count as 100 dB
+def test_pooled_psnr_pools_the_mse_of_all_frames():
+    a = np.zeros((3, 8, 8, 3))
+    b = a.copy()
+    b[0] += 0.1  # MSE 0.01 -> 20 dB
+    b[1] += 0.01  # MSE 1e-4 -> 40 dB; frame 2 identical (inf)
+    frame_psnr = metrics.psnr(a, b)
+    pooled = metrics.pooled_psnr(frame_psnr)
+    assert pooled == pytest.approx(10 * math.log10(1 / np.mean((a - b) ** 2)))  # the whole video's MSE
+    assert pooled == pytest.approx(-10 * math.log10((0.01 + 1e-4) / 3))
+    assert metrics.pooled_psnr([math.inf, math.inf]) == math.inf
+    assert metrics.pooled_psnr([20.0, 20.0]) == pytest.approx(20.0)
+    assert math.isnan(metrics.pooled_psnr([]))
+
+
