@@ -250,9 +250,14 @@ def save_all(model, out: Path, state, final: bool):
     dit = {f"transformer.{k}": v.float().cpu() for k, v in model.transformer.state_dict().items()}
     dit["embeddings"] = model.embeddings.detach().float().cpu()
     torch.save(dit, out / "dit.pt")  # EMA weights
-    model.save(out / "reference.safetensors", metadata={"training": {k: v for k, v in state["log"].items()
-                                                                     if k not in ("ae", "dit", "decoder")}})
+    model.save(out / "reference.safetensors", metadata={"training": provenance(state["log"])})
     (out / "log.json").write_text(json.dumps(state["log"], indent=1))
+
+
+def provenance(log: dict) -> dict:
+    """What the weights' metadata keeps of a training log: all of it but the per-step
+    histories (log.json has those), including the ``previous`` runs it resumed from."""
+    return {k: {kk: vv for kk, vv in v.items() if kk != "history"} if isinstance(v, dict) else v for k, v in log.items()}
 
 
 def load_resume(model, folder: Path):
@@ -303,12 +308,9 @@ def main(argv=None):
                      "torch": torch.__version__}}
     model = Reference.build(CONFIG, seed=args.seed)
     if args.resume is not None:
-        prev = load_resume(model, args.resume)
-        state["log"]["resumed_from"] = {k: prev.get(k) for k in ("ae", "dit", "decoder") if k in prev}
+        prev = provenance(load_resume(model, args.resume))
+        state["log"]["previous"] = prev  # the chain of runs these weights come from
         state["offset"] = 1000 + int(prev.get("dit", {}).get("steps", 0))
-        for k in ("ae", "dit", "decoder"):
-            if k in prev:
-                state["log"][f"previous_{k}"] = {kk: prev[k].get(kk) for kk in ("steps", "seconds", "holdout_psnr")}
     model.to(dev)
     sampler = ClipSampler(dev, seed=args.seed + state["offset"], videos=not args.small,
                           log=lambda s: log_line(state, s))

@@ -54,6 +54,9 @@ def test_edit_from_a_folder_reports_plan_time_memory_and_fidelity(model_dir, cli
     assert math.isfinite(fid["psnr"]) and 0 < fid["ssim"] <= 1 and math.isfinite(fid["latent_psnr"])
     assert len(fid["frame_psnr"]) == 17 and fid["speedup"] > 0 and fid["warp_error"] >= 0
     assert result.reference_frames.shape == frames.shape
+    frame_mse = 10 ** (-np.array(fid["frame_psnr"]) / 10)
+    assert fid["psnr"] == pytest.approx(-10 * math.log10(frame_mse.mean()))  # the MSE pooled over frames
+    assert fid["psnr"] < np.mean(fid["frame_psnr"])  # (not the mean of per-frame dB, which is larger)
     assert "kept" in report.table() and report.to_dict()["fidelity"]["psnr"] == fid["psnr"]
 
 
