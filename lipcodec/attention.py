@@ -48,14 +48,16 @@ _SDPA_KERNELS = {  # diffusers backends that are PyTorch SDPA -> the fused kerne
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """Wan's interleaved RoPE, op for op as ``WanAttnProcessor`` does it (bit-identical).
 
-    With ``width``, the result is the first D channels of a new (..., width) buffer: the
-    wider head of a folded call, whose other channels the caller fills (no copy)."""
+    With ``width``, returns a new (..., width) buffer whose first D channels hold the result
+    and whose other channels are uninitialised: the wider head of a folded call, which the
+    caller fills (no copy)."""
+    d = x.shape[-1]
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
     cos, sin = cos[..., 0::2], sin[..., 1::2]  # (1, S, 1, D/2)
-    out = torch.empty_like(x) if width is None else x.new_empty(*x.shape[:-1], width)[..., : x.shape[-1]]
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+    buffer = torch.empty_like(x) if width is None else x.new_empty(*x.shape[:-1], width)
+    buffer[..., 0:d:2] = x1 * cos - x2 * sin
+    buffer[..., 1:d:2] = x1 * sin + x2 * cos
+    return buffer
 
 
 def fold_width(d: int, multiple: int) -> int:
@@ -152,15 +154,16 @@ def proportional_attention(q, k, v, runs: KeyRuns, kernel: SDPBackend | None = N
     slower than 136, cuDNN up to 8% faster (docs/benchmarks.md, attention kernel table)."""
     d, tail = q.shape[-1], runs.tail
     width = fold_width(d, 32) if tail < k.shape[1] else None
-    if rope is not None:
-        q, k = rotate(q, *rope, width), rotate(k, *rope, width)
+    if rope is not None:  # (..., width) buffers; q, k are views of their first D channels
+        q_wide, k_wide = rotate(q, *rope, width), rotate(k, *rope, width)
+        q, k = q_wide[..., :d], k_wide[..., :d]
     parts = []
     for start, end, log_c in runs.runs:
         out, lse = attention_lse(q, k[:, start:end], v[:, start:end], d**-0.5, kernel)
         parts.append((out, lse + log_c))
     if width is not None:  # mixed multiplicities folded into an extra channel
-        if rope is not None:  # the rotated q and k are views of (..., width) buffers
-            q_wide, k_wide = (z.as_strided((*z.shape[:-1], width), z.stride()) for z in (q, k[:, tail:]))
+        if rope is not None:
+            k_wide = k_wide[:, tail:]
         else:
             q_wide, k_wide = (torch.nn.functional.pad(z, (0, width - d)) for z in (q, k[:, tail:]))
         scale = fill_fold_channels(q_wide, k_wide, runs.tail_log_mult, d)

@@ -524,14 +524,14 @@ def test_gpu_suite_smoke(tmp_path):
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
     out = tmp_path / "suite.json"
-    suite.main(["--tiny", "--budgets", "0.8", "0.5", "--modes", "none", "duplicate", "--reps", "1", "--warmup", "0",
-                "--out", str(out)])
+    modes = ["none", "proportional", "duplicate"]
+    suite.main(["--tiny", "--budgets", "0.8", "0.5", "--modes", *modes, "--reps", "1", "--warmup", "0", "--out", str(out)])
     result = json.loads(out.read_text())
     full = [r for r in result["rows"] if r["section"] == "full"]
-    assert full[0]["name"] == "unpatched" and len(full) == 1 + 2 * 2 * 3  # 2 clips x 2 budgets x (2 modes + ceiling)
+    assert full[0]["name"] == "unpatched" and len(full) == 1 + 2 * 2 * 4  # 2 clips x 2 budgets x (3 modes + ceiling)
     assert {r["clip"] for r in full[1:]} == set(suite.CLIPS) and all(r["plan_ms"] > 0 for r in full[1:])
     assert -1 <= result["pearson"]["ceiling"]["r"] <= 1 and result["pearson"]["none"]["points"] == 4
-    for mode in ("none", "duplicate"):
+    for mode in modes:  # composes with torch.compile (proportional: no as_strided view is written to)
         assert result["compile"][mode]["max_abs_diff_vs_eager"] < 1e-3, result["compile"]
     assert [r["recovery"] for r in result["rows"] if r["section"] == "14b"] == [None, "none", "duplicate", "ceiling"]
 
