@@ -20,7 +20,7 @@ denoiser stay valid.
 
 Denoiser (WanTransformer3DModel): for a clip x and a random word w, the target is
 z_e = E(edit_w(x)), the source z_s = E(x). SDEdit starts at strength s0 from
-x_s0 = (1 - s0) z_s + s0 eps (s0 = 1 a third of the time: pure generation), and the
+x_s0 = (1 - s0) z_s + s0 eps (s0 = 1 a third of the time, --generation-share: pure generation), and the
 training path runs straight from x_s0 to z_e: x_sigma = (1 - sigma/s0) z_e + sigma/s0 x_s0,
 velocity target v = (x_s0 - z_e) / s0, so x0 = x_sigma - sigma v = z_e at every sigma (what
 lipcodec's restore and the streaming runner assume), and Euler steps are exact on the path.
@@ -185,7 +185,7 @@ def train_dit(model, sampler, args, state, until: float):
         z_src, z_edit = z[:b], z[b:]  # (B, 16, F, h, w)
         drop = torch.rand(b, device=dev, generator=gen) < 0.1
         emb = model.embeddings[torch.where(drop, vocab, words)]  # (B, L, D)
-        s0 = torch.where(torch.rand(b, device=dev, generator=gen) < 0.33, torch.ones(b, device=dev),
+        s0 = torch.where(torch.rand(b, device=dev, generator=gen) < args.generation_share, torch.ones(b, device=dev),
                          0.3 + 0.7 * torch.rand(b, device=dev, generator=gen))
         sigma = (s0 * torch.rand(b, device=dev, generator=gen)).clamp_min(0.005)
         eps = torch.randn(z_src.shape, device=dev, generator=gen)
@@ -292,6 +292,8 @@ def main(argv=None):
     p.add_argument("--ae-lr", type=float, default=1e-3)
     p.add_argument("--dit-lr", type=float, default=4e-4)
     p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--generation-share", type=float, default=0.33,
+                   help="share of denoiser samples that start from pure noise (s0 = 1); the rest start at U[0.3, 1]")
     p.add_argument("--small", action="store_true", help="CPU smoke test: small batches, no real clips")
     args = p.parse_args(argv)
     args.batch_div = 8 if args.small else 1
