@@ -230,21 +230,22 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.mark.parametrize("device, dtype, atol", [
     ("cpu", torch.float32, 1e-5), pytest.param("cuda", torch.bfloat16, 8e-3, marks=NEEDS_CUDA)])
-@pytest.mark.parametrize("sizes", [(40, 24), (7, 9, 30, 2, 5, 11, 1, 3)])
-def test_merge_attention_equals_attention_over_the_union(device, dtype, atol, sizes):
+@pytest.mark.parametrize("sizes, d", [((40, 24), 128), ((7, 9, 30, 2, 5, 11, 1, 3), 128), ((20, 13, 6), 48)])
+def test_merge_attention_equals_attention_over_the_union(device, dtype, atol, sizes, d):
     """Attention over each part of a key split, merged by log-sum-exp, is attention over all
-    keys - also when a part's output is a slice of a wider head (the folded tail's layout)."""
+    keys - also when a part's output is a slice of a wider head (the folded tail's layout),
+    and for a head width that is not a power of two (the reference model's 48)."""
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(2, 33, 3, 128, generator=g).to(device, dtype)  # (B, Sq, H, D)
-    k, v = (torch.randn(2, sum(sizes), 3, 128, generator=g).to(device, dtype) for _ in range(2))
+    q = torch.randn(2, 33, 3, d, generator=g).to(device, dtype)  # (B, Sq, H, D)
+    k, v = (torch.randn(2, sum(sizes), 3, d, generator=g).to(device, dtype) for _ in range(2))
     parts, start = [], 0
     for i, n in enumerate(sizes):
         key, value = k[:, start : start + n], v[:, start : start + n]
-        if i == 1:  # padded to 160 and sliced back, as the folded tail comes out
-            out, lse = attention_lse(*(torch.nn.functional.pad(z, (0, 32)) for z in (q, key, value)), 128**-0.5)
-            out = out[..., :128]
+        if i == 1:  # padded to a wider head and sliced back, as the folded tail comes out
+            out, lse = attention_lse(*(torch.nn.functional.pad(z, (0, 32)) for z in (q, key, value)), d**-0.5)
+            out = out[..., :d]
         else:
-            out, lse = attention_lse(q, key, value, 128**-0.5)
+            out, lse = attention_lse(q, key, value, d**-0.5)
         parts.append((out, lse))
         start += n
     assert len(parts) <= MAX_PARTS
