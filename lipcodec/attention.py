@@ -13,8 +13,9 @@ Modes (the math in short; docs/executor.md has the rest):
   ``log c_j / (a * scale)`` (head zero-padded to 160, which the kernels run slower). The
   calls merge exactly by their log-sum-exps (+ log c), in one fused pass over all parts
   (:func:`merge_attention`). No (N, N) bias exists and every call is a fused kernel (the
-  one SDPA, or the ``_native_*`` backend set on the model, would use). With a non-SDPA diffusers backend (flash-attn packages, ``_native_math``, ...)
-  the whole key set takes one folded call through that backend instead.
+  one SDPA, or the ``_native_*`` backend set on the model, would use). With a non-SDPA
+  diffusers backend (flash-attn packages, ``_native_math``, ...) the whole key set takes
+  one folded call through that backend instead.
 - ``duplicate`` (LIPAR's M-degree recovery): reused tokens re-enter as keys/values, copied
   from their reference's *un-rotated* K (after norm_k, before RoPE) and V, then rotated
   with the reused token's own RoPE position. Queries stay kept-only (Sk x (Sk + Sd)).
@@ -105,8 +106,8 @@ def multiplicity_order(mult: torch.Tensor, min_run: int | None = None) -> tuple[
 
     mult (Sk,) int: tokens each kept key stands for. Every multiplicity shared by at least
     ``min_run`` keys (default :data:`MIN_RUN`) gets a run, most common first, at most
-    ``MAX_PARTS - 1`` of them; every other key goes to the tail. Returns ``perm`` (Sk,) (new order = old[perm]) and the
-    :class:`KeyRuns`. One host sync (once per plan)."""
+    ``MAX_PARTS - 1`` of them; every other key goes to the tail. Returns ``perm`` (Sk,) (new
+    order = old[perm]) and the :class:`KeyRuns`. One host sync (once per plan)."""
     min_run = MIN_RUN if min_run is None else min_run
     values, counts = mult.unique(return_counts=True)
     top = counts.argsort(descending=True, stable=True)
@@ -219,6 +220,7 @@ else:
 
 
 def _merge_cuda(outs: list[torch.Tensor], lse: torch.Tensor) -> torch.Tensor:
+    """The Triton merge: outs (B, S, H, D) each, lse (R, B, H, S) contiguous."""
     b, s, h, d = outs[0].shape
     flat = []  # each part as rows of (B, S, H) with one row stride
     for out in outs:
@@ -229,7 +231,7 @@ def _merge_cuda(outs: list[torch.Tensor], lse: torch.Tensor) -> torch.Tensor:
     rows, block = b * s * h, 64
     pad = flat + [flat[0]] * (MAX_PARTS - len(flat))
     _merge_kernel[(triton.cdiv(rows, block),)](
-        result, lse.contiguous(), *pad, *[out.stride(2) for out in pad], rows, h, s,
+        result, lse, *pad, *[out.stride(2) for out in pad], rows, h, s,
         R=len(outs), D=d, DP=triton.next_power_of_2(d), BLOCK=block,
     )
     return result

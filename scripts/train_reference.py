@@ -20,10 +20,11 @@ denoiser stay valid.
 
 Denoiser (WanTransformer3DModel): for a clip x and a random word w, the target is
 z_e = E(edit_w(x)), the source z_s = E(x). SDEdit starts at strength s0 from
-x_s0 = (1 - s0) z_s + s0 eps (s0 = 1 a third of the time, --generation-share: pure generation), and the
-training path runs straight from x_s0 to z_e: x_sigma = (1 - sigma/s0) z_e + sigma/s0 x_s0,
-velocity target v = (x_s0 - z_e) / s0, so x0 = x_sigma - sigma v = z_e at every sigma (what
-lipcodec's restore and the streaming runner assume), and Euler steps are exact on the path.
+x_s0 = (1 - s0) z_s + s0 eps (s0 = 1 a third of the time, --generation-share: pure
+generation), and the training path runs straight from x_s0 to z_e:
+x_sigma = (1 - sigma/s0) z_e + sigma/s0 x_s0, velocity target v = (x_s0 - z_e) / s0, so
+x0 = x_sigma - sigma v = z_e at every sigma (what lipcodec's restore and the streaming
+runner assume), and Euler steps are exact on the path.
 Loss s0^2 |v_pred - v|^2. 10 % of samples get the unconditional embedding (CFG).
 Every third step is chunk-causal (Self-Forcing layout, 3 latent frames per chunk): earlier
 chunks are clean (t = 0, the clean KV cache), the last chunk is noisy, attention is

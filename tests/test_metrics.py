@@ -104,5 +104,3 @@ def test_pooled_psnr_pools_the_mse_of_all_frames():
     assert metrics.pooled_psnr([math.inf, math.inf]) == math.inf
     assert metrics.pooled_psnr([20.0, 20.0]) == pytest.approx(20.0)
     assert math.isnan(metrics.pooled_psnr([]))
-
-
