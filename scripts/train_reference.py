@@ -16,7 +16,9 @@ Autoencoder: MSE + 0.1 L1 on [-1, 1] pixels, latent noise (5 % of the latent std
 time so the decoder tolerates denoiser outputs; afterwards per-channel latent mean/std are
 measured and stored (latents are normalised like Wan's). ``--stage decoder`` trains the
 decoder alone on a frozen encoder: the latent space, its normalisation and so the trained
-denoiser stay valid.
+denoiser stay valid. ``--edit-share`` replaces that share of the clips by an edited version
+(a random word, ``--word-weights``): the decoder then also learns the latents the denoiser
+produces (a grayscale clip's latents must decode without colour).
 
 Denoiser (WanTransformer3DModel): for a clip x and a random word w, the target is
 z_e = E(edit_w(x)), the source z_s = E(x). SDEdit starts at strength s0 from
@@ -47,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lipcodec.models import CONFIG, Reference  # noqa: E402
 from lipcodec.models.data import ClipSampler, holdout_clips  # noqa: E402
-from lipcodec.models.edits import apply_edits  # noqa: E402
+from lipcodec.models.edits import VOCABULARY, apply_edits  # noqa: E402
 
 CHUNK = 3
 
@@ -83,10 +85,16 @@ def train_ae(model, sampler, args, state, until: float, decoder_only: bool = Fal
     dev, amp = state["device"], state["amp"]
     start, step, hist = time.perf_counter(), 0, []
     span = max(until - start, 1.0)
+    gen = torch.Generator(device=dev).manual_seed(args.seed + 29 + state["offset"])
     while time.perf_counter() < until:
         t, h, w, b = AE_SHAPES[step % len(AE_SHAPES)]
         b = max(1, b // args.batch_div)
-        x = sampler.batch(b, t, (h, w)) * 2 - 1  # (B, 3, T, H, W) in [-1, 1]
+        x = sampler.batch(b, t, (h, w))  # (B, 3, T, H, W) in [0, 1]
+        if args.edit_share > 0:  # the denoiser's outputs are latents of edited clips: decode those too
+            edited = torch.rand(b, device=x.device, generator=gen) < args.edit_share
+            words = torch.multinomial(state["word_weights"], b, replacement=True, generator=gen)
+            x = torch.where(edited.view(-1, 1, 1, 1, 1), apply_edits(x, words), x)
+        x = x * 2 - 1  # in [-1, 1]
         for g in opt.param_groups:
             g["lr"] = lr_at((time.perf_counter() - start) / span, step, args.ae_lr)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -180,7 +188,7 @@ def train_dit(model, sampler, args, state, until: float):
             t, h, w, b = DIT_SHAPES[(step // 3 * 2 + step % 3) % len(DIT_SHAPES)]
         b = max(1, b // args.batch_div)
         x = sampler.batch(b, t, (h, w))  # (B, 3, T, H, W) in [0, 1]
-        words = torch.randint(vocab, (b,), device=dev, generator=gen)
+        words = torch.multinomial(state["word_weights"], b, replacement=True, generator=gen)
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             z = model.ae.normalize(model.ae.encode(torch.cat([x, apply_edits(x, words)]) * 2 - 1).float())
         z_src, z_edit = z[:b], z[b:]  # (B, 16, F, h, w)
@@ -280,6 +288,19 @@ def load_resume(model, folder: Path):
     return json.loads(prev.read_text()) if prev.is_file() else {}
 
 
+def parse_word_weights(text: str, vocabulary) -> torch.Tensor:
+    """``negative=3,grayscale=2`` -> sampling weights over the vocabulary (unnamed words 1)."""
+    weights = dict.fromkeys(vocabulary, 1.0)
+    for item in filter(None, text.split(",")):
+        word, _, value = item.partition("=")
+        if word not in weights or not value:
+            raise SystemExit(f"--word-weights {item!r}: use word=weight with a word from {', '.join(vocabulary)}")
+        weights[word] = float(value)
+    if any(w < 0 for w in weights.values()) or not any(weights.values()):
+        raise SystemExit(f"--word-weights {text!r}: weights must be >= 0 and not all zero")
+    return torch.tensor(list(weights.values()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("ae", "dit", "both", "decoder"), default="both",
@@ -295,8 +316,13 @@ def main(argv=None):
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--generation-share", type=float, default=0.33,
                    help="share of denoiser samples that start from pure noise (s0 = 1); the rest start at U[0.3, 1]")
+    p.add_argument("--word-weights", default="",
+                   help="word sampling weights (denoiser, --edit-share), e.g. negative=3,grayscale=2 (unnamed words 1)")
+    p.add_argument("--edit-share", type=float, default=0.0,
+                   help="autoencoder/decoder: share of clips replaced by an edited version (a random word)")
     p.add_argument("--small", action="store_true", help="CPU smoke test: small batches, no real clips")
     args = p.parse_args(argv)
+    word_weights = parse_word_weights(args.word_weights, VOCABULARY)
     args.batch_div = 8 if args.small else 1
 
     t0 = time.perf_counter()
@@ -305,7 +331,7 @@ def main(argv=None):
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    state = {"t0": t0, "device": dev, "amp": dev.type == "cuda", "offset": 0,
+    state = {"t0": t0, "device": dev, "amp": dev.type == "cuda", "offset": 0, "word_weights": word_weights.to(dev),
              "log": {"args": {k: str(v) for k, v in vars(args).items()},
                      "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                      "torch": torch.__version__}}

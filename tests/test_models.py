@@ -107,3 +107,29 @@ def test_streaming_chunk_causal(model, clip):
     assert out.shape == (25, 64, 112, 3)
     assert chroma(_float(out)) < 0.35 * chroma(_float(read_video(fixtures.bundled_clip(), size=(64, 112),
                                                                   max_frames=25, progress=False).frames))
+
+
+def _training_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "train_reference.py"
+    spec = importlib.util.spec_from_file_location("train_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_word_weights():
+    """--word-weights: named words get their weight, the rest 1; bad input names the fix."""
+    script = _training_script()
+    vocab = models.VOCABULARY
+    weights = script.parse_word_weights("negative=3,grayscale=0.5", vocab)
+    expected = torch.ones(len(vocab))
+    expected[vocab.index("negative")], expected[vocab.index("grayscale")] = 3.0, 0.5
+    assert torch.equal(weights, expected)
+    assert torch.equal(script.parse_word_weights("", vocab), torch.ones(len(vocab)))
+    with pytest.raises(SystemExit, match="'negtive=3'.*identity, grayscale"):
+        script.parse_word_weights("negtive=3", vocab)
+    with pytest.raises(SystemExit, match="not all zero"):
+        script.parse_word_weights(",".join(f"{w}=0" for w in vocab), vocab)
