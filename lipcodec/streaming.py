@@ -33,7 +33,6 @@ re-rotated back by the shift (LIPAR's policy); sink frames keep their positions.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -92,10 +91,6 @@ class StreamConfig:
             ``rope_max_seq_len``. Self-Forcing was trained on 21 latent frames.
         plan_context: the planner sees at most this many latent frames ending at the new
             chunk (bounds memory and planning time); None = every frame so far.
-        plan_ahead: when the next chunk's frames are already pushed, plan it while the GPU
-            runs this chunk (on a side CUDA stream), so planning leaves the critical path.
-            Plans and outputs are identical either way; on the CPU nothing overlaps and the
-            planning time only moves into the previous chunk's ``seconds``.
         seed: the runner's private noise generator (your global RNG is untouched).
     """
 
@@ -110,7 +105,6 @@ class StreamConfig:
     first_chunk: str = "full"
     rope_frames: int | None = attrs.field(default=None, validator=_non_negative_or_none)
     plan_context: int | None = attrs.field(default=21, validator=_non_negative_or_none)
-    plan_ahead: bool = True
     seed: int = 0
 
     def __attrs_post_init__(self):
@@ -152,8 +146,7 @@ class Chunk:
     kept: int  # computed tokens
     tokens: int
     source: torch.Tensor  # (S*h*w,) stream token id each token took its output from
-    plan_seconds: float = 0.0  # host time spent making this chunk's plan
-    planned_ahead: bool = False  # planned during the previous chunk (not part of ``seconds``)
+    plan_seconds: float = 0.0  # part of ``seconds`` spent planning
     pixels: object = None  # decode(latents) when run() was given a decode hook
 
     @property
@@ -163,22 +156,6 @@ class Chunk:
     @property
     def kept_ratio(self) -> float:
         return self.kept / self.tokens
-
-
-@attrs.define
-class _Ahead:
-    """A chunk's plan made ahead on ``stream`` (None: the CPU, nothing to wait for)."""
-
-    start: int  # the chunk's first stream frame
-    source: torch.Tensor  # (N,) stream token ids, as _plan_rows returns
-    stream: object
-    seconds: float
-
-    def take(self) -> torch.Tensor:
-        if self.stream is not None:  # the main stream waits for the plan, and owns it from here
-            torch.cuda.current_stream(self.source.device).wait_stream(self.stream)
-            self.source.record_stream(torch.cuda.current_stream(self.source.device))
-        return self.source
 
 
 # -- cache ----------------------------------------------------------------------------------
@@ -348,7 +325,6 @@ class StreamRunner:
             rope.freqs_cos.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1),
             rope.freqs_sin.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1),
         )  # per axis (positions, axis_dim)
-        self._plan_stream = None  # plan_ahead's side stream (CUDA), made on first use
         self.set_prompt(prompt_embeds)
         self.reset()
 
@@ -366,7 +342,6 @@ class StreamRunner:
         self._hist_start = 0  # first frame in both histories
         self._sources: dict[int, torch.Tensor] = {}  # frame -> (tpf,) stream token id each token copies
         self._threshold_scale: float | None = None  # the last target_kept plan's: the next search starts there
-        self._ahead: _Ahead | None = None  # the next chunk's plan, made while this chunk ran
         self._gen = None
 
     @torch.no_grad()
@@ -477,18 +452,11 @@ class StreamRunner:
         conf = self.config
         b, c, s, h, w = source.shape
         a = self._frames
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:  # made at the end of the previous chunk, from these very frames
-            src, plan_seconds = ahead.take(), ahead.seconds
-        else:
-            self._remember_source(source)
-            plan_start = time.perf_counter()
-            src = self._plan_rows(a, s)  # (N,) stream token ids
-            plan_seconds = time.perf_counter() - plan_start  # planning ends in host code (indices fetched)
-        ready = torch.cuda.Event() if source.is_cuda else None  # the pushed frames are on the GPU by now
-        if ready is not None:
-            ready.record()
+        self._remember_source(source)
         self._shift_positions(a + s)
+        plan_start = time.perf_counter()
+        src = self._plan_rows(a, s)  # (N,) stream token ids
+        plan_seconds = time.perf_counter() - plan_start  # planning ends in host code (indices fetched)
         idx = self._index(a, s, src)
         n = s * self.tpf
         sigmas = conf.sigmas
@@ -501,31 +469,12 @@ class StreamRunner:
         self._forward(x0, 0.0, idx, idx.clean)  # clean pass: writes the chunk's K/V
         self._commit(a, s, idx)
         self._remember_output(x0, src, a, s)
-        if conf.plan_ahead and not self._intra and self._pending is not None and self._pending.shape[2] >= conf.chunk:
-            self._plan_ahead(a + s, self._pending[:, :, : conf.chunk], ready)
         if x0.device.type == "cuda":
             torch.cuda.synchronize(x0.device)
         self._frames += s
         self._chunks += 1
         seconds = time.perf_counter() - start_time
-        return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, src.cpu(), plan_seconds,
-                     planned_ahead=ahead is not None)
-
-    def _plan_ahead(self, a: int, source: torch.Tensor, ready):
-        """Plan the chunk starting at frame ``a`` now, on a side stream while the GPU runs this
-        chunk (``ready``: the main stream's point where the pushed frames exist)."""
-        start = time.perf_counter()
-        stream = None
-        if ready is not None:
-            stream = self._plan_stream = self._plan_stream or torch.cuda.Stream(source.device)
-            stream.wait_event(ready)
-            for tensor in (source, self._src_hist):  # allocated on the main stream, read on the side one
-                if tensor is not None:
-                    tensor.record_stream(stream)
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            self._remember_source(source)
-            src = self._plan_rows(a, source.shape[2])
-        self._ahead = _Ahead(a, src, stream, time.perf_counter() - start)
+        return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, src.cpu(), plan_seconds)
 
     def _denoise(self, x, sigma, idx: _ChunkIndex, a: int) -> torch.Tensor:
         """One step: x0 = x - sigma v on kept tokens, reused tokens restored from their reference."""
