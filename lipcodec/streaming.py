@@ -269,6 +269,8 @@ class _ChunkIndex:
     source: torch.Tensor  # (N,) stream token id of each token's reference (itself if kept)
     denoise: _Pass
     clean: _Pass
+    restore: torch.Tensor | None = None  # (N,) row of each token's x0 in [chunk x0; history]
+    history: torch.Tensor | None = None  # (B, R, P) the restored outputs of earlier frames reused here
 
 
 # -- the runner -------------------------------------------------------------------------------
@@ -463,7 +465,7 @@ class StreamRunner:
 
         x = (1.0 - sigmas[0]) * source + sigmas[0] * self._noise(source.shape)  # (B, C, S, H, W)
         for i, sigma in enumerate(sigmas):
-            x0 = self._denoise(x, sigma, idx, a)  # (B, C, S, H, W)
+            x0 = self._denoise(x, sigma, idx)  # (B, C, S, H, W)
             if i + 1 < len(sigmas):
                 x = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(x0.shape)
         self._forward(x0, 0.0, idx, idx.clean)  # clean pass: writes the chunk's K/V
@@ -476,7 +478,7 @@ class StreamRunner:
         seconds = time.perf_counter() - start_time
         return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, src.cpu(), plan_seconds)
 
-    def _denoise(self, x, sigma, idx: _ChunkIndex, a: int) -> torch.Tensor:
+    def _denoise(self, x, sigma, idx: _ChunkIndex) -> torch.Tensor:
         """One step: x0 = x - sigma v on kept tokens, reused tokens restored from their reference."""
         v = self._forward(x, sigma, idx, idx.denoise)  # (B, Sk, P)
         x_tok = self._patchify(x)  # (B, N, P)
@@ -484,19 +486,13 @@ class StreamRunner:
             return self._unpatchify(x_tok - sigma * v.to(x.dtype), x.shape[2])
         x0 = x_tok.clone()
         x0[:, idx.keep] = x_tok[:, idx.keep] - sigma * v.to(x.dtype)
-        return self._unpatchify(self._restore(x0, idx, a), x.shape[2])
+        return self._unpatchify(self._restore(x0, idx), x.shape[2])
 
-    def _restore(self, x0: torch.Tensor, idx: _ChunkIndex, a: int) -> torch.Tensor:
-        """Reused tokens take their reference's x0: this chunk's, or the restored output history."""
-        base = a * self.tpf
-        local = idx.source - base  # (N,)
-        inside = local >= 0
-        out = x0.clone()
-        out[:, inside] = x0[:, local[inside]]
-        if (~inside).any():
-            hist = idx.source[~inside] - self._hist_start * self.tpf
-            out[:, ~inside] = self._out_hist[:, hist]
-        return out
+    def _restore(self, x0: torch.Tensor, idx: _ChunkIndex) -> torch.Tensor:
+        """Reused tokens take their reference's x0: this chunk's, or the restored output history
+        (one gather with indices made per chunk in :meth:`_index`: no host sync per step)."""
+        rows = x0 if idx.history is None else torch.cat([x0, idx.history], 1)  # (B, N + R, P)
+        return rows[:, idx.restore]
 
     # -- the block-causal forward --------------------------------------------------------------
     def _forward(self, x: torch.Tensor, sigma: float, idx: _ChunkIndex, step: _Pass) -> torch.Tensor:
@@ -695,7 +691,14 @@ class StreamRunner:
                 write = used + torch.arange(sk + d, device=device)
             passes[phase] = _Pass(write, used + sk + d, dups, key_order, runs)
         cache.reserve(max(step.keys for step in passes.values()) - used)  # the rows this chunk writes
-        return _ChunkIndex(keep, identity, rope, src, passes["denoise"], passes["clean"])
+        restore = history = None
+        if not identity:  # token i's x0 comes from row restore[i] of [chunk x0; history]
+            local = src - a * tpf
+            past = local < 0
+            restore = torch.where(past, n + past.cumsum(0) - 1, local)
+            if self._out_hist is not None:
+                history = self._out_hist[:, src[past] - self._hist_start * tpf]  # (B, R, P)
+        return _ChunkIndex(keep, identity, rope, src, passes["denoise"], passes["clean"], restore, history)
 
     def _dups(self, a, s, src, keep, phase) -> _Dups:
         """Reused tokens and where their K/V come from in this pass (module docstring)."""
