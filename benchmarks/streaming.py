@@ -18,12 +18,16 @@ latents with the same noise (StreamConfig.editing(): t = 400, 4 steps, shift 5, 
 Rows: ``unpruned`` (window 6), ``unpruned full cache`` (every frame kept in the cache, as
 Self-Forcing's baseline), then the lipar planner at ``--target-kept`` (default 0.68 =
 ~32% reuse) with recovery none / proportional / duplicate (noisy) / clean (noise-aware).
+``--compile``: every row, the unpruned ones too, with ``StreamRunner(compile=True)``
+(the blocks' dense parts compiled with dynamic shapes; the untimed first stream of each
+row pays the compilation).
 
 Full size (CUDA, bf16): Wan2.1-T2V-1.3B config with random weights, 480x832, latents
 (1, 16, F, 60, 104) from the bundled clip's pixel proxy (ping-pong looped), text
 (1, 512, 4096). ``--tiny``: the tiny config on CPU, a smoke test of the same table.
 
     python benchmarks/streaming.py --out results/streaming.json              # GPU
+    python benchmarks/streaming.py --compile --out results/streaming_compiled.json
     python benchmarks/streaming.py --tiny --out /tmp/streaming.json          # CPU smoke test
 """
 
@@ -57,13 +61,13 @@ def clip_latents(frames: int, size: tuple[int, int]) -> torch.Tensor:
     return pixel_proxy_latents(pixels)[None]  # (1, 16, F, H/8, W/8)
 
 
-def stream(model, source, text, config, **planner):
+def stream(model, source, text, config, compile=False, **planner):
     """Run one stream; returns (latents, chunks, peak GiB)."""
     cuda = source.is_cuda
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    runner = StreamRunner(model, text, config, **planner)
+    runner = StreamRunner(model, text, config, compile=compile, **planner)
     chunks = runner.push(source) + runner.flush()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     return torch.cat([c.latents for c in chunks], 2), chunks, peak
@@ -76,6 +80,7 @@ def main(argv=None):
     parser.add_argument("--target-kept", type=float, default=0.68, help="lipar planner budget (0.68 = ~32%% reuse)")
     parser.add_argument("--modes", nargs="+", default=["none", "proportional", "duplicate", "clean"])
     parser.add_argument("--first-chunk", default="full", choices=("full", "prune"))
+    parser.add_argument("--compile", action="store_true", help="every row with StreamRunner(compile=True)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (tiny default 1: tiny ops)")
     parser.add_argument("--out", required=True, help="JSON results path")
     args = parser.parse_args(argv)
@@ -100,8 +105,8 @@ def main(argv=None):
     def timed(config, **plan_kwargs):
         """Each configuration streams the clip twice and the second run is timed: every new
         sequence length pays one-time kernel setup (e.g. a cuDNN execution plan) on first use."""
-        stream(model, source, text, config, **plan_kwargs)
-        return stream(model, source, text, config, **plan_kwargs)
+        stream(model, source, text, config, args.compile, **plan_kwargs)
+        return stream(model, source, text, config, args.compile, **plan_kwargs)
 
     reference, chunks, peak = timed(base)
     rows = []
@@ -142,7 +147,7 @@ def main(argv=None):
         "dtype": str(dtype), "config": "tiny" if args.tiny else "wan2.1-1.3b", "latents": list(source.shape),
         "stream": {"chunk": base.chunk, "timesteps": base.timesteps, "shift": base.shift, "sink": base.sink,
                    "window": base.window, "first_chunk": args.first_chunk},
-        "target_kept": args.target_kept, "torch": torch.__version__, "rows": rows,
+        "target_kept": args.target_kept, "compile": args.compile, "torch": torch.__version__, "rows": rows,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

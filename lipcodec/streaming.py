@@ -291,11 +291,20 @@ class StreamRunner:
         gop, plan_kwargs: passed to :func:`lipcodec.plan` (``target_kept=``, ``tau1=``...);
             ``target_kept`` is each new chunk's budget (the planner sees more context).
             B-frames are refused: they reference frames that have not arrived.
+        compile: ``torch.compile`` the dense parts of every block (:func:`_block_in`,
+            :func:`_block_out`: norms, modulation, projections, RoPE, cross-attention,
+            feed-forward) with dynamic shapes, so kept counts that change from chunk to
+            chunk reuse one compiled graph; the cache writes and self-attention stay eager.
+            Results match eager to rounding, not bit for bit.
     """
 
     def __init__(self, model, prompt_embeds: torch.Tensor, config: StreamConfig | None = None, *,
-                 planner="intra", gop: GOP | str | None = None, **plan_kwargs):
+                 planner="intra", gop: GOP | str | None = None, compile: bool = False, **plan_kwargs):
         self.model = model
+        self._block_in, self._block_out = (
+            (torch.compile(_block_in, dynamic=True), torch.compile(_block_out, dynamic=True)) if compile
+            else (_block_in, _block_out)
+        )
         self.config = config or StreamConfig()
         cfg = model.config
         if tuple(cfg.patch_size)[0] != 1:
@@ -521,24 +530,18 @@ class StreamRunner:
         return temb, embed.time_proj(embed.act_fn(temb)).unflatten(1, (6, -1))  # (B, 6, D)
 
     def _block(self, i, block, hidden, proj, idx, step):
-        """WanTransformerBlock.forward with block-causal self-attention."""
-        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (block.scale_shift_table + proj.float()).chunk(6, dim=1)
-        norm = (block.norm1(hidden.float()) * (1 + scale_msa) + shift_msa).type_as(hidden)
-        attn = self._self_attention(i, block.attn1, norm, idx, step)
-        hidden = (hidden.float() + attn * gate_msa).type_as(hidden)
-        norm = block.norm2(hidden.float()).type_as(hidden)
-        hidden = hidden + self._cross_attention(i, block.attn2, norm)
-        norm = (block.norm3(hidden.float()) * (1 + c_scale) + c_shift).type_as(hidden)
-        return (hidden.float() + block.ffn(norm).float() * c_gate).type_as(hidden)
+        """WanTransformerBlock.forward with block-causal self-attention: the dense parts are
+        :func:`_block_in` and :func:`_block_out` (compiled with ``compile=True``), the
+        attention over the cache runs eagerly between them."""
+        query, key, key_raw, value = self._block_in(block, hidden, proj, *idx.rope)  # (B, Sk, H, D) each
+        attn = self._self_attention(i, query, key, key_raw, value, step)  # (B, Sk, H, D)
+        text_k, text_v = self._text_kv[i]
+        if text_k.shape[0] != hidden.shape[0]:
+            text_k, text_v = text_k.expand(hidden.shape[0], -1, -1, -1), text_v.expand(hidden.shape[0], -1, -1, -1)
+        return self._block_out(block, hidden, attn, proj, text_k, text_v)
 
-    def _self_attention(self, i, attn, x, idx: _ChunkIndex, step: _Pass):
-        query, key, value = _get_qkv_projections(attn, x, None)  # (B, Sk, H*D) each
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query = query.unflatten(2, (attn.heads, -1))  # (B, Sk, H, D)
-        key = key.unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        key_raw = key  # un-rotated: what in-chunk duplicates copy
-        query, key = rotate(query, *idx.rope), rotate(key, *idx.rope)
+    def _self_attention(self, i, query, key, key_raw, value, step: _Pass) -> torch.Tensor:
+        """Write the chunk's K/V rows into block i's cache, attend over [cache; chunk]."""
         cache_k, cache_v = self._cache.k[i], self._cache.v[i]
         keys, values = [key], [value]
         dups = step.dups
@@ -552,19 +555,8 @@ class StreamRunner:
         cache_v[:, step.write] = torch.cat(values, 1) if len(values) > 1 else value
         k, v = cache_k[:, : step.keys], cache_v[:, : step.keys]  # (B, Nk, H, D): [cache; chunk]
         if step.runs is not None:
-            out = proportional_attention(query, k[:, step.key_order], v[:, step.key_order], step.runs)
-        else:
-            out = _sdpa(query, k, v)
-        out = out.flatten(2, 3).type_as(query)  # (B, Sk, H*D)
-        return attn.to_out[1](attn.to_out[0](out))
-
-    def _cross_attention(self, i, attn, x):
-        query = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))  # (B, Sk, H, D)
-        key, value = self._text_kv[i]
-        if key.shape[0] != query.shape[0]:
-            key, value = key.expand(query.shape[0], -1, -1, -1), value.expand(query.shape[0], -1, -1, -1)
-        out = _sdpa(query, key, value).flatten(2, 3).type_as(query)  # (B, Sk, H*D)
-        return attn.to_out[1](attn.to_out[0](out))
+            return proportional_attention(query, k[:, step.key_order], v[:, step.key_order], step.runs)
+        return _sdpa(query, k, v)
 
     # -- positions -----------------------------------------------------------------------------
     def _rope(self, t_pos, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
@@ -790,6 +782,35 @@ class StreamRunner:
         _, ph, pw = self.patch
         h, w = self._hw
         return rearrange(tokens, "b (f h w) (ph pw c) -> b c f (h ph) (w pw)", f=frames, h=h, w=w, ph=ph, pw=pw)
+
+
+def _block_in(block, hidden, proj, cos, sin):
+    """A Wan block up to self-attention: modulated norm1, q/k/v projections, q/k norms, RoPE.
+    Returns query and key rotated, the un-rotated key (what in-chunk duplicates copy) and
+    value, (B, Sk, H, D) each - op for op as ``WanTransformerBlock`` and ``WanAttnProcessor``."""
+    shift, scale, _, _, _, _ = (block.scale_shift_table + proj.float()).chunk(6, dim=1)  # (B, 1, D) each
+    norm = (block.norm1(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+    attn = block.attn1
+    query, key, value = _get_qkv_projections(attn, norm, None)  # (B, Sk, H*D) each
+    query, key = attn.norm_q(query), attn.norm_k(key)
+    query, key, value = (z.unflatten(2, (attn.heads, -1)) for z in (query, key, value))
+    return rotate(query, cos, sin), rotate(key, cos, sin), key, value
+
+
+def _block_out(block, hidden, attn_out, proj, text_k, text_v):
+    """A Wan block from the self-attention output (B, Sk, H, D) on: output projection and
+    gate, cross-attention to the text K/V, modulated norm3, feed-forward and gate."""
+    _, _, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + proj.float()).chunk(6, dim=1)
+    attn = block.attn1
+    out = attn.to_out[1](attn.to_out[0](attn_out.flatten(2, 3).type_as(hidden)))
+    hidden = (hidden.float() + out * gate).type_as(hidden)
+    norm = block.norm2(hidden.float()).type_as(hidden)
+    cross = block.attn2
+    query = cross.norm_q(cross.to_q(norm)).unflatten(2, (cross.heads, -1))  # (B, Sk, H, D)
+    out = _sdpa(query, text_k, text_v).flatten(2, 3).type_as(query)  # (B, Sk, H*D)
+    hidden = hidden + cross.to_out[1](cross.to_out[0](out))
+    norm = (block.norm3(hidden.float()) * (1 + c_scale) + c_shift).type_as(hidden)
+    return (hidden.float() + block.ffn(norm).float() * c_gate).type_as(hidden)
 
 
 def _sdpa(q, k, v, scale=None) -> torch.Tensor:

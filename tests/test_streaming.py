@@ -16,6 +16,7 @@ Two references, both built on diffusers' own ``WanTransformer3DModel.forward``:
 from __future__ import annotations
 
 import math
+import shutil
 
 import attrs
 import pytest
@@ -412,6 +413,25 @@ def test_pruned_stream_restores_references(model, recovery):
         reused = src != ids
         assert (src[reused] // TPF < ids[reused] // TPF).all() and (src[reused] % TPF == ids[reused] % TPF).all()
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
+                    reason="torch.compile on the CPU builds C++: install a C++ compiler (g++)")
+def test_compiled_stream_matches_eager_without_recompiling(model):
+    """compile=True: the same stream to rounding, and one graph per compiled part (in, out)
+    for every kept count the chunks bring - dynamic shapes, no recompilation per chunk."""
+    from torch._dynamo.utils import counters
+
+    x, text = video(12)
+    config = StreamConfig(chunk=3, window=4, recovery="duplicate")
+    eager = stream(model, x, text, config, planner=SamePlace(0.5))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = stream(model, x, text, config, planner=SamePlace(0.5), compile=True)
+    assert len({c.kept for c in compiled}) >= 3  # the kept count changes between chunks
+    assert [c.kept for c in compiled] == [c.kept for c in eager]
+    torch.testing.assert_close(cat(compiled), cat(eager), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_cache_grows_to_the_rows_in_use(model):
