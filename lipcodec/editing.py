@@ -1037,8 +1037,8 @@ class StreamEdit:
     frames: np.ndarray  # (T, H, W, 3) uint8
     fps: float
     kept_ratio: float
-    chunk_seconds: tuple[float, ...]  # per chunk, planning included
-    plan_seconds: float
+    chunk_seconds: tuple[float, ...]  # per chunk, planning included (a chunk planned ahead: in the one before)
+    plan_seconds: float  # host time of all planning (on CUDA, planning ahead overlaps the GPU's work)
     fidelity: dict | None  # vs an unpruned stream from the same noise (reference=True)
 
     def table(self) -> str:
@@ -1046,7 +1046,7 @@ class StreamEdit:
         lines = [
             f"stream   {len(self.chunk_seconds)} chunks, kept {self.kept_ratio:.1%} of tokens",
             f"time     {total:.2f} s denoising ({len(self.frames) / total:.1f} output frames/s), "
-            f"{self.plan_seconds:.2f} s of it planning; per chunk "
+            f"{self.plan_seconds:.2f} s of planning (host); per chunk "
             + " ".join(f"{1e3 * s:.0f}ms" for s in self.chunk_seconds),
         ]
         if self.fidelity is not None:

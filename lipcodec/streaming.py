@@ -33,6 +33,7 @@ re-rotated back by the shift (LIPAR's policy); sink frames keep their positions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -91,6 +92,10 @@ class StreamConfig:
             ``rope_max_seq_len``. Self-Forcing was trained on 21 latent frames.
         plan_context: the planner sees at most this many latent frames ending at the new
             chunk (bounds memory and planning time); None = every frame so far.
+        plan_ahead: when the next chunk's frames are already pushed, plan it while the GPU
+            runs this chunk (on a side CUDA stream), so planning leaves the critical path.
+            Plans and outputs are identical either way; on the CPU nothing overlaps and the
+            planning time only moves into the previous chunk's ``seconds``.
         seed: the runner's private noise generator (your global RNG is untouched).
     """
 
@@ -105,6 +110,7 @@ class StreamConfig:
     first_chunk: str = "full"
     rope_frames: int | None = attrs.field(default=None, validator=_non_negative_or_none)
     plan_context: int | None = attrs.field(default=21, validator=_non_negative_or_none)
+    plan_ahead: bool = True
     seed: int = 0
 
     def __attrs_post_init__(self):
@@ -146,7 +152,8 @@ class Chunk:
     kept: int  # computed tokens
     tokens: int
     source: torch.Tensor  # (S*h*w,) stream token id each token took its output from
-    plan_seconds: float = 0.0  # part of ``seconds`` spent planning
+    plan_seconds: float = 0.0  # host time spent making this chunk's plan
+    planned_ahead: bool = False  # planned during the previous chunk (not part of ``seconds``)
     pixels: object = None  # decode(latents) when run() was given a decode hook
 
     @property
@@ -156,6 +163,22 @@ class Chunk:
     @property
     def kept_ratio(self) -> float:
         return self.kept / self.tokens
+
+
+@attrs.define
+class _Ahead:
+    """A chunk's plan made ahead on ``stream`` (None: the CPU, nothing to wait for)."""
+
+    start: int  # the chunk's first stream frame
+    source: torch.Tensor  # (N,) stream token ids, as _plan_rows returns
+    stream: object
+    seconds: float
+
+    def take(self) -> torch.Tensor:
+        if self.stream is not None:  # the main stream waits for the plan, and owns it from here
+            torch.cuda.current_stream(self.source.device).wait_stream(self.stream)
+            self.source.record_stream(torch.cuda.current_stream(self.source.device))
+        return self.source
 
 
 # -- cache ----------------------------------------------------------------------------------
@@ -269,6 +292,7 @@ class _ChunkIndex:
     source: torch.Tensor  # (N,) stream token id of each token's reference (itself if kept)
     denoise: _Pass
     clean: _Pass
+    frame_kept: tuple[int, ...]  # computed tokens per frame of the chunk
     restore: torch.Tensor | None = None  # (N,) row of each token's x0 in [chunk x0; history]
     history: torch.Tensor | None = None  # (B, R, P) the restored outputs of earlier frames reused here
 
@@ -336,6 +360,7 @@ class StreamRunner:
             rope.freqs_cos.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1),
             rope.freqs_sin.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1),
         )  # per axis (positions, axis_dim)
+        self._plan_stream = None  # plan_ahead's side stream (CUDA), made on first use
         self.set_prompt(prompt_embeds)
         self.reset()
 
@@ -353,6 +378,7 @@ class StreamRunner:
         self._hist_start = 0  # first frame in both histories
         self._sources: dict[int, torch.Tensor] = {}  # frame -> (tpf,) stream token id each token copies
         self._threshold_scale: float | None = None  # the last target_kept plan's: the next search starts there
+        self._ahead: _Ahead | None = None  # the next chunk's plan, made while this chunk ran
         self._gen = None
 
     @torch.no_grad()
@@ -463,11 +489,18 @@ class StreamRunner:
         conf = self.config
         b, c, s, h, w = source.shape
         a = self._frames
-        self._remember_source(source)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:  # made at the end of the previous chunk, from these very frames
+            src, plan_seconds = ahead.take(), ahead.seconds
+        else:
+            self._remember_source(source)
+            plan_start = time.perf_counter()
+            src = self._plan_rows(a, s)  # (N,) stream token ids
+            plan_seconds = time.perf_counter() - plan_start  # planning ends in host code (indices fetched)
+        ready = torch.cuda.Event() if source.is_cuda else None  # the pushed frames are on the GPU by now
+        if ready is not None:
+            ready.record()
         self._shift_positions(a + s)
-        plan_start = time.perf_counter()
-        src = self._plan_rows(a, s)  # (N,) stream token ids
-        plan_seconds = time.perf_counter() - plan_start  # planning ends in host code (indices fetched)
         idx = self._index(a, s, src)
         n = s * self.tpf
         sigmas = conf.sigmas
@@ -480,12 +513,31 @@ class StreamRunner:
         self._forward(x0, 0.0, idx, idx.clean)  # clean pass: writes the chunk's K/V
         self._commit(a, s, idx)
         self._remember_output(x0, src, a, s)
+        if conf.plan_ahead and not self._intra and self._pending is not None and self._pending.shape[2] >= conf.chunk:
+            self._plan_ahead(a + s, self._pending[:, :, : conf.chunk], ready)
         if x0.device.type == "cuda":
             torch.cuda.synchronize(x0.device)
         self._frames += s
         self._chunks += 1
         seconds = time.perf_counter() - start_time
-        return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, src.cpu(), plan_seconds)
+        return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, src.cpu(), plan_seconds,
+                     planned_ahead=ahead is not None)
+
+    def _plan_ahead(self, a: int, source: torch.Tensor, ready):
+        """Plan the chunk starting at frame ``a`` now, on a side stream while the GPU runs this
+        chunk (``ready``: the main stream's point where the pushed frames exist)."""
+        start = time.perf_counter()
+        stream = None
+        if ready is not None:
+            stream = self._plan_stream = self._plan_stream or torch.cuda.Stream(source.device)
+            stream.wait_event(ready)
+            for tensor in (source, self._src_hist):  # allocated on the main stream, read on the side one
+                if tensor is not None:
+                    tensor.record_stream(stream)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            self._remember_source(source)
+            src = self._plan_rows(a, source.shape[2])
+        self._ahead = _Ahead(a, src, stream, time.perf_counter() - start)
 
     def _denoise(self, x, sigma, idx: _ChunkIndex) -> torch.Tensor:
         """One step: x0 = x - sigma v on kept tokens, reused tokens restored from their reference."""
@@ -690,7 +742,8 @@ class StreamRunner:
             restore = torch.where(past, n + past.cumsum(0) - 1, local)
             if self._out_hist is not None:
                 history = self._out_hist[:, src[past] - self._hist_start * tpf]  # (B, R, P)
-        return _ChunkIndex(keep, identity, rope, src, passes["denoise"], passes["clean"], restore, history)
+        frame_kept = tuple(torch.bincount(keep // tpf, minlength=s).tolist())
+        return _ChunkIndex(keep, identity, rope, src, passes["denoise"], passes["clean"], frame_kept, restore, history)
 
     def _dups(self, a, s, src, keep, phase) -> _Dups:
         """Reused tokens and where their K/V come from in this pass (module docstring)."""
@@ -760,12 +813,13 @@ class StreamRunner:
         """Register the chunk's frames (K/V already written by the clean pass), then trim."""
         cache, tpf, device = self._cache, self.tpf, self.model.device
         complete = idx.identity or self.config.recovery in ("duplicate", "clean")
-        row = cache.used
-        for f in range(s):
+        row, first = cache.used, 0
+        for f in range(s):  # host-known counts: no sync here, the GPU may still be running the chunk
             if complete:
                 places = torch.arange(tpf, device=device)
             else:
-                places = idx.keep[(idx.keep >= f * tpf) & (idx.keep < (f + 1) * tpf)] - f * tpf
+                places = idx.keep[first : first + idx.frame_kept[f]] - f * tpf  # keep is sorted
+                first += idx.frame_kept[f]
             row_of = torch.full((tpf,), -1, dtype=torch.long, device=device)
             row_of[places] = row + torch.arange(places.numel(), device=device)
             cache.frames.append(_Frame(a + f, row_of, row, int(places.numel()), int(self._time_pos(torch.tensor(a + f)))))

@@ -15,6 +15,7 @@ Two references, both built on diffusers' own ``WanTransformer3DModel.forward``:
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 
@@ -557,3 +558,33 @@ def test_target_kept_is_each_chunks_budget(model):
     for c in chunks[1:]:
         assert abs(c.kept_ratio - 0.6) <= 1 / 12, [c.kept_ratio for c in chunks]  # within 1/4 frame's share
     assert runner._threshold_scale is not None  # each chunk's search started at the previous chunk's scale
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the side stream)"))])
+def test_plan_ahead_changes_when_planning_happens_not_the_stream(model, device):
+    """Frames pushed ahead are planned during the previous chunk (on CUDA on a side stream):
+    the same plans and latents as planning each chunk when it starts; chunks pushed one at a
+    time have nothing to plan ahead."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 1, 24, 24, generator=g) + 0.3 * torch.randn(1, 4, 14, 24, 24, generator=g).cumsum(2) * 0.1
+    _, text = video()  # 14 frames: four chunks of 3 and a short one at flush
+    net = copy.deepcopy(model).to(device)
+    x, text = x.to(device), text.to(device)
+    runs = {}
+    for ahead in (True, False):
+        config = StreamConfig(chunk=3, plan_context=6, recovery="clean", plan_ahead=ahead)
+        runs[ahead] = stream(net, x, text, config, planner="lipar", target_kept=0.6)
+    (on, off) = runs[True], runs[False]
+    assert [c.planned_ahead for c in on] == [False, True, True, True, False]  # the short last chunk: at flush
+    assert not any(c.planned_ahead for c in off)
+    assert all(c.plan_seconds > 0 for c in on[1:])
+    for a, b in zip(on, off):
+        assert torch.equal(a.source, b.source) and a.kept == b.kept
+    assert min(c.kept_ratio for c in on[1:]) < 1.0
+    assert torch.equal(cat(on), cat(off))
+    runner = StreamRunner(net, text, StreamConfig(chunk=3, plan_context=6, recovery="clean"), planner="lipar",
+                          target_kept=0.6)
+    one_by_one = [c for a in range(0, 14, 3) for c in runner.push(x[:, :, a : a + 3])] + runner.flush()
+    assert not any(c.planned_ahead for c in one_by_one)
+    assert torch.equal(cat(one_by_one), cat(on))
