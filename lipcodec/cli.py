@@ -391,6 +391,8 @@ def add_edit(subparsers) -> None:
                         help="with --stream: compute chunk 0 in full (default) or prune it as LIPAR does")
     parser.add_argument("--vae", metavar="DIR",
                         help="with --stream and a Self-Forcing/CausVid checkpoint as --model: a local Wan VAE folder")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --stream: torch.compile the blocks (GPU: faster once compiled; the first chunks pay it)")
     parser.set_defaults(func=cmd_edit)
 
 
@@ -407,6 +409,8 @@ def cmd_edit(args) -> int:
     planner, gop = build_planner(args)
     if args.stream:
         return _edit_stream(args, out, codec, planner, gop)
+    if args.compile:
+        raise UsageError("--compile applies to --stream only: add --stream, or drop --compile")
     result = edit(
         args.video, args.model, prompt=args.prompt, negative_prompt=args.negative_prompt,
         prompt_embeds=args.prompt_embeds, strength=args.strength, steps=args.steps, planner=planner, gop=gop,
@@ -432,7 +436,7 @@ def _edit_stream(args, out, codec, planner, gop) -> int:
         args.video, args.model, prompt=args.prompt, strength=args.strength, steps=args.steps, planner=planner,
         gop=gop, recovery=args.recovery, first_chunk=args.first_chunk, seed=args.seed, reference=args.reference,
         vae=args.vae, prompt_embeds=args.prompt_embeds, fps=args.fps, size=args.size, max_frames=args.max_frames,
-        progress=not args.quiet,
+        device=_device(args), dtype=args.dtype, compile=args.compile, progress=not args.quiet,
     )
     write_video(out, result.frames, result.fps, codec=codec, protect=[args.video], progress=not args.quiet)
     if not args.quiet and args.json != "-":

@@ -765,7 +765,7 @@ def edit(
         return edit_stream(
             video, model, prompt=prompt, strength=strength, steps=steps, planner=planner, gop=gop,
             recovery=recovery, seed=seed, reference=reference, vae=vae, prompt_embeds=prompt_embeds, fps=fps,
-            size=size, max_frames=max_frames, progress=progress, **planner_params,
+            size=size, max_frames=max_frames, device=device, dtype=dtype, progress=progress, **planner_params,
         )
     t_start = time.perf_counter()
     built = build_planner(planner, planner_params)
@@ -1060,7 +1060,7 @@ def edit_stream(
     video, model="reference", *, prompt: str | None = None, strength: float = 0.5, steps: int = 4,
     planner="lipar", gop=None, recovery: str = "clean", first_chunk: str = "full", seed: int = 0,
     reference: bool = False, vae=None, prompt_embeds=None, fps=None, size=None, max_frames=None,
-    progress: bool = False, **plan_kwargs,
+    device=None, dtype=None, compile: bool = False, progress: bool = False, **plan_kwargs,
 ) -> StreamEdit:
     """Edit ``video`` chunk by chunk with a chunk-causal model and :class:`lipcodec.StreamRunner`.
 
@@ -1071,17 +1071,22 @@ def edit_stream(
     diffusers ``config.json`` beside the checkpoint overrides the config read off the weights). The
     clip is encoded once; the DiT streams the latents in chunks of 3 latent frames:
     ``steps`` steps from ``strength`` x 1000 down (flow shift 1 for the embedded model, 5 for
-    Self-Forcing), a clean pass per chunk, a KV cache of sink 1 + window 6.
+    Self-Forcing), a clean pass per chunk, a KV cache of sink 1 + window 6. ``device``
+    (default cpu) holds the transformer and the autoencoder; ``dtype`` is the transformer's
+    (the autoencoder stays float32); ``compile`` is :class:`StreamRunner`'s (GPU: faster
+    once compiled, and the first stream pays the compilation).
     """
     from .streaming import StreamConfig, StreamRunner
 
     _check_settings(strength, steps, 1.0)
+    device = resolve_device("cpu" if device is None else device)
+    dtype = resolve_dtype("float32" if dtype is None else dtype)
     if not isinstance(video, Video):
         video = read_video(video, fps=fps, size=size, max_frames=max_frames, fit="wan", progress=progress)
     if str(model) == "reference":
         from . import models
 
-        ref = models.reference()
+        ref = models.reference(device=device, dtype=dtype)
         try:
             embeds = ref.embed(prompt)
         except ValueError as error:
@@ -1100,15 +1105,15 @@ def edit_stream(
         beside = Path(model).parent / "config.json"  # a diffusers transformer config, if the shapes are not Wan's
         config = {k: v for k, v in json.loads(beside.read_text()).items() if not k.startswith("_")} if beside.is_file() else None
         try:
-            transformer = load_wan_checkpoint(model, config=config).eval()
+            transformer = load_wan_checkpoint(model, config=config, dtype=dtype, device=device).eval()
         except CheckpointError as error:
             raise EditError(f"{model}: {error}") from None
         embeds = prompt_embeds if torch.is_tensor(prompt_embeds) else load_prompt_embeds(prompt_embeds)[0]
-        embeds = embeds.to(transformer.dtype)
+        embeds = embeds.to(device, transformer.dtype)
         shift = 5.0
         if not (Path(vae) / "config.json").is_file():
             raise EditError(f"--vae {vae} is not a diffusers model folder (no config.json): pass an AutoencoderKLWan folder")
-        encode, decode = wan_vae_codec(vae)
+        encode, decode = wan_vae_codec(vae, device=device)
     else:
         raise EditError(
             f"--stream needs a chunk-causal model; {model} is neither 'reference' nor a Self-Forcing/CausVid "
@@ -1119,7 +1124,7 @@ def edit_stream(
     config = StreamConfig(timesteps=timesteps, shift=shift, recovery=recovery, first_chunk=first_chunk, seed=seed)
 
     def stream(plan_with):
-        runner = StreamRunner(transformer, embeds, config, planner=plan_with, gop=gop, **plan_kwargs)
+        runner = StreamRunner(transformer, embeds, config, planner=plan_with, gop=gop, compile=compile, **plan_kwargs)
         chunks = list(runner.run([latents]))
         return torch.cat([c.latents for c in chunks], 2), chunks
 

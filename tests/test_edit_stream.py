@@ -39,6 +39,8 @@ def test_stream_edit_with_the_intra_plan_computes_everything(tmp_path, capsys):
     [
         (["--model", "some/folder"], ["--stream needs a chunk-causal model", "--model reference"]),
         (["--prompt", "watercolor"], ["unknown edit word 'watercolor'", "grayscale"]),
+        (["--device", "cuda:99"], ["device 'cuda:99'"]),  # no GPU here, or not 100 of them
+        (["--dtype", "int8"], ["dtype 'int8' is not supported", "bfloat16"]),
     ],
 )
 def test_stream_edit_bad_input_exits_2(tmp_path, capsys, extra, fragments):
@@ -83,3 +85,11 @@ def test_stream_edit_with_a_self_forcing_checkpoint(tmp_path, capsys):
     out.unlink()
     assert main(common) == 2 and not out.exists()
     assert "pass --vae DIR (a local AutoencoderKLWan folder) and --prompt-embeds FILE" in capsys.readouterr().err
+
+
+def test_compile_without_stream_is_refused(tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    code = main(["edit", "-o", str(out), "--prompt", "grayscale", *SMALL, "--compile"])
+    captured = capsys.readouterr()
+    assert code == 2 and not out.exists()
+    assert "--compile applies to --stream only" in captured.err.strip().splitlines()[-1]
