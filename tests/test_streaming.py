@@ -588,3 +588,27 @@ def test_plan_ahead_changes_when_planning_happens_not_the_stream(model, device):
     one_by_one = [c for a in range(0, 14, 3) for c in runner.push(x[:, :, a : a + 3])] + runner.flush()
     assert not any(c.planned_ahead for c in one_by_one)
     assert torch.equal(cat(one_by_one), cat(on))
+
+
+def test_streaming_benchmark_smoke(tmp_path):
+    """benchmarks/streaming.py --tiny: every row runs, the unpruned row is the reference,
+    pruned rows keep fewer tokens and plan ahead (but the in-place row), repeats are kept."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "streaming.py"
+    spec = importlib.util.spec_from_file_location("streaming_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "streaming.json"
+    bench.main(["--tiny", "--frames", "6", "--modes", "none", "clean", "--repeats", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["unpruned", "unpruned full cache", "lipar none", "lipar clean", "lipar none, planned in place"]
+    assert rows["unpruned"]["err_vs_unpruned"] == 0 and rows["unpruned"]["kept"] == 1
+    for name in ("lipar none", "lipar clean"):
+        assert rows[name]["kept"] < 1 and rows[name]["planned_ahead"] == 1  # chunk 1 of 2 planned during chunk 0
+    assert rows["lipar none, planned in place"]["planned_ahead"] == 0
+    assert rows["lipar none, planned in place"]["err_vs_unpruned"] == rows["lipar none"]["err_vs_unpruned"]
+    assert all(len(r["fps_with_plan_runs"]) == 2 for r in rows.values()) and result["repeats"] == 2
