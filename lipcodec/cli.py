@@ -392,7 +392,7 @@ def add_edit(subparsers) -> None:
     parser.add_argument("--vae", metavar="DIR",
                         help="with --stream and a Self-Forcing/CausVid checkpoint as --model: a local Wan VAE folder")
     parser.add_argument("--compile", action="store_true",
-                        help="with --stream: torch.compile the blocks (GPU: faster once compiled; the first chunks pay it)")
+                        help="torch.compile the transformer blocks (GPU: faster once compiled; the first steps pay it)")
     parser.set_defaults(func=cmd_edit)
 
 
@@ -409,15 +409,13 @@ def cmd_edit(args) -> int:
     planner, gop = build_planner(args)
     if args.stream:
         return _edit_stream(args, out, codec, planner, gop)
-    if args.compile:
-        raise UsageError("--compile applies to --stream only: add --stream, or drop --compile")
     result = edit(
         args.video, args.model, prompt=args.prompt, negative_prompt=args.negative_prompt,
         prompt_embeds=args.prompt_embeds, strength=args.strength, steps=args.steps, planner=planner, gop=gop,
         recovery=args.recovery, restore=args.restore, seed=args.seed, reference=args.reference,
         guidance_scale=args.guidance_scale, device=_device(args), dtype=args.dtype, fps=args.fps, size=args.size,
         max_frames=args.max_frames, memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None,
-        progress=not args.quiet,
+        compile=args.compile, progress=not args.quiet,
     )
     write_video(out, result.frames, result.fps, codec=codec, protect=[args.video], progress=not args.quiet)
     report = {"input": str(args.video), "output": str(out), **result.report.to_dict()}

@@ -67,6 +67,30 @@ def test_edit_prints_a_table_and_shows_progress(tmp_path, clip, model_dir, capsy
     assert read_video(tmp_path / "e.mkv", progress=False).frames.shape == (17, 64, 64, 3)
 
 
+@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
+                    reason="torch.compile on the CPU builds C++: install a C++ compiler (g++)")
+def test_edit_compile_matches_eager(tmp_path, clip, model_dir, capsys):
+    """--compile (the blocks compiled in place, lipcodec's hooks around and inside them): the
+    same pruned edit and the same fidelity report as eager, to rounding."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    args = ["edit", str(clip), "--model", str(model_dir), "--strength", "0.5", "--steps", "2", "--recovery",
+            "duplicate", "-p", "target_kept=0.6", "--reference", "--json", "-", "-q"]
+    reports, frames = [], []
+    for name, extra in (("eager.mkv", []), ("compiled.mkv", ["--compile"])):
+        assert main([*args, "-o", str(tmp_path / name), *extra]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+        frames.append(read_video(tmp_path / name, progress=False).frames.astype(int))
+    eager, compiled = reports
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks did run compiled
+    assert compiled["kept_ratio"] == eager["kept_ratio"] < 1
+    assert abs(compiled["fidelity"]["psnr"] - eager["fidelity"]["psnr"]) < 0.5
+    assert np.abs(frames[1] - frames[0]).max() <= 2  # lossless FFV1: pixel rounding only
+
+
 def test_compare_writes_the_report_folder(tmp_path, clip, model_dir):
     out = tmp_path / "report"
     run = run_cli("compare", clip, "-o", out, "--model", model_dir, "--planners", "intra,lipar", "--gops", "default",

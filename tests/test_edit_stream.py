@@ -85,11 +85,3 @@ def test_stream_edit_with_a_self_forcing_checkpoint(tmp_path, capsys):
     out.unlink()
     assert main(common) == 2 and not out.exists()
     assert "pass --vae DIR (a local AutoencoderKLWan folder) and --prompt-embeds FILE" in capsys.readouterr().err
-
-
-def test_compile_without_stream_is_refused(tmp_path, capsys):
-    out = tmp_path / "out.mp4"
-    code = main(["edit", "-o", str(out), "--prompt", "grayscale", *SMALL, "--compile"])
-    captured = capsys.readouterr()
-    assert code == 2 and not out.exists()
-    assert "--compile applies to --stream only" in captured.err.strip().splitlines()[-1]
