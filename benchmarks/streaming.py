@@ -90,6 +90,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (tiny default 1: tiny ops)")
     parser.add_argument("--out", required=True, help="JSON results path")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: at least 1 timed stream per row is needed")
     if args.threads or args.tiny:
         torch.set_num_threads(args.threads or 1)
 
