@@ -28,6 +28,7 @@ from diffusers import WanTransformer3DModel
 
 import lipcodec
 from lipcodec import Grid, Plan
+from lipcodec.atomic import write_text_atomic
 from lipcodec.testing import TINY_WAN as TINY
 from lipcodec.testing import WAN_1_3B, same_place_plan
 from lipcodec.attention import RECOVERY_MODES
@@ -140,8 +141,7 @@ def main(argv=None):
         "tokens": grid.size, "backend": args.backend or "native", "dtype": str(dtype), "device": torch.cuda.get_device_name() if cuda else platform.processor(),
         "torch": torch.__version__, "reps": reps, "warmup": warmup, "restore": args.restore, "rows": rows,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lipcodec  # noqa: E402
 from executor_speed import kept_only_forward, timed  # noqa: E402
-from lipcodec.atomic import publish  # noqa: E402
+from lipcodec.atomic import write_text_atomic  # noqa: E402
 from lipcodec.attention import RECOVERY_MODES  # noqa: E402
 from lipcodec.testing import TINY_WAN, WAN_1_3B, WAN_14B  # noqa: E402
 from plan_speed import clip_latents  # noqa: E402
@@ -243,11 +241,7 @@ def main(argv=None):
         run_14b(suite)
     result["rows"] = suite.rows
     print("\n" + table(suite))
-    out = Path(args.out)
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    publish(tmp, out)
+    out = write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -21,6 +21,7 @@ import torch
 
 import lipcodec
 from lipcodec import fixtures
+from lipcodec.atomic import write_text_atomic
 from lipcodec.video import pixel_proxy_latents, read_video
 
 CONFIGS = [
@@ -98,8 +99,7 @@ def main(argv=None):
             f"{r['ms']:>9.1f} {r['kept']:>7.1%}  {r['types']}"
         )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"clip": args.clip, "latents": list(latents.shape), "rows": rows}, f, indent=1)
+        write_text_atomic(args.out, json.dumps({"clip": args.clip, "latents": list(latents.shape), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from diffusers import WanTransformer3DModel
 from einops import rearrange
 
 from lipcodec import fixtures
+from lipcodec.atomic import write_text_atomic
 from lipcodec.fidelity import latent_psnr
 from lipcodec.streaming import StreamConfig, StreamRunner
 from lipcodec.testing import TINY_WAN as TINY
@@ -170,8 +171,7 @@ def main(argv=None):
                    "window": base.window, "first_chunk": args.first_chunk},
         "target_kept": args.target_kept, "compile": args.compile, "repeats": args.repeats, "torch": torch.__version__, "rows": rows,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

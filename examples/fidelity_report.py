@@ -14,6 +14,7 @@ import json
 import torch
 
 from lipcodec import fidelity
+from lipcodec.atomic import write_text_atomic
 
 
 def main(argv=None):
@@ -44,8 +45,7 @@ def main(argv=None):
         print(report.table())
         reports.append(report.to_dict())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(reports, f, indent=2)
+        write_text_atomic(args.json, json.dumps(reports, indent=2) + "\n")
 
 
 if __name__ == "__main__":

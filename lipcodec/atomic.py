@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -17,3 +18,17 @@ def publish(tmp, path) -> Path:
     os.chmod(tmp, (0o777 if Path(tmp).is_dir() else 0o666) & ~mask)
     os.replace(tmp, path)
     return Path(path)
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file beside it: readers never see half a file,
+    and an interrupted write leaves the old file (or none) and no temp file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -16,12 +16,11 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import traceback
 import warnings
 from pathlib import Path
 
-from .atomic import publish
+from .atomic import write_text_atomic
 
 
 
@@ -138,17 +137,6 @@ def check_output(path: str | None, video_path, what: str) -> Path | None:
     if video_path is not None and Path(video_path).exists() and out.exists() and os.path.samefile(out, video_path):
         raise UsageError(f"{what} {out} is the input video; refusing to overwrite it: choose another name")
     return out
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------

@@ -135,3 +135,18 @@ def test_training_word_weights():
         script.parse_word_weights("negtive=3", vocab)
     with pytest.raises(SystemExit, match="not all zero"):
         script.parse_word_weights(",".join(f"{w}=0" for w in vocab), vocab)
+
+
+def test_evaluate_edits_reports_each_clip(model, clip):
+    """The model card's per-clip figures come from ``evaluate.edits``: the means are the
+    per-clip values averaged, one entry per clip, every word."""
+    from lipcodec.models.evaluate import edits
+
+    short = clip[:5, :32, :32]
+    rows = edits(model, {"a": short, "b": short[:, :, ::-1].copy()}, steps=2)
+    assert set(rows) == set(model.vocabulary)
+    for row in rows.values():
+        assert list(row["per_clip"]) == ["a", "b"]
+        for metric in ("chroma_ratio", "luma_corr", "luma_psnr_vs_source", "psnr_vs_exact_edit"):
+            values = [row["per_clip"][c][metric] for c in ("a", "b")]
+            assert row[metric] == pytest.approx(sum(values) / 2, abs=1e-3)

