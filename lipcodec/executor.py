@@ -384,6 +384,7 @@ class Codec:
 
     def _prepare(self, hidden: torch.Tensor) -> _Prepared:
         grid = Grid.from_latents(hidden.shape, self.patch_size)
+        grid.check_positions(getattr(getattr(self.model, "config", None), "rope_max_seq_len", None))
         if self.plan is None or (self._planner is not None and self.plan.grid != grid):
             if not self._warned:
                 logger.warning(

@@ -53,6 +53,21 @@ class Grid:
             )
         return cls(f // pt, h // ph, w // pw)
 
+    def check_positions(self, positions: int | None, *, frames: bool = True) -> None:
+        """Raise if the grid needs more RoPE positions on an axis than a model's table holds
+        (``rope_max_seq_len``; None = unknown, no check). ``frames=False`` checks only rows and
+        columns (the streaming runner shifts time positions itself)."""
+        if positions is None:
+            return
+        axes = (("frames", self.frames),) if frames else ()
+        for name, size in (*axes, ("rows", self.height), ("columns", self.width)):
+            if size > positions:
+                raise ValueError(
+                    f"the latents are {size} tokens long in {name} (token grid {tuple(self)}), but the model's "
+                    f"RoPE table holds {positions} positions per axis (rope_max_seq_len): use a smaller video "
+                    f"(at most {positions} tokens per axis) or a model built with a larger rope_max_seq_len"
+                )
+
     @property
     def tokens_per_frame(self) -> int:
         return self.height * self.width

@@ -47,6 +47,7 @@ from einops import rearrange
 
 from .attention import RECOVERY_MODES, KeyRuns, multiplicity_order, proportional_attention, rotate
 from .gop import GOP
+from .plan import Grid
 from .planners import get as get_planner
 from .planners import plan as make_plan
 from .planners.reference import ReferencePlanner
@@ -454,6 +455,7 @@ class StreamRunner:
             raise ValueError(f"latents have {c} channels but the model takes {self.model.config.in_channels}")
         if h % self.patch[1] or w % self.patch[2]:
             raise ValueError(f"latent size {h}x{w} is not divisible by the patch {self.patch[1:]}: crop or pad it")
+        Grid(1, h // self.patch[1], w // self.patch[2]).check_positions(int(self.model.config.rope_max_seq_len), frames=False)
         if self._shape is not None and (b, c, h, w) != self._shape:
             raise ValueError(f"latents (B, C, H, W) = {(b, c, h, w)} differ from the stream's {self._shape}")
         if self._text_raw.shape[0] not in (1, b):

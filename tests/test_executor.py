@@ -543,3 +543,17 @@ def test_recovery_processors_keep_the_chosen_attention_backend(model):
     with lipcodec.apply(model, Plan.identity((2, 8, 8)), recovery="duplicate"):
         after = {n: p._attention_backend for n, p in model.attn_processors.items()}
     assert after == before and before["blocks.0.attn1.processor"] is not None
+
+
+def test_grid_beyond_the_rope_table_is_a_clear_error(model):
+    """diffusers itself fails with a reshape error deep in its RoPE; lipcodec names the axis,
+    the table size and the fix before the model runs."""
+    text = torch.randn(1, 4, 16)
+    with apply(model, "intra"):
+        with pytest.raises(ValueError, match=r"33 tokens long in rows .*RoPE table holds 32 positions"):
+            model(torch.randn(1, 4, 1, 66, 8), torch.tensor([500.0]), text)
+        model(torch.randn(1, 4, 1, 64, 8), torch.tensor([500.0]), text)  # 32 rows: runs
+    with pytest.raises(ValueError, match="in frames"):
+        Grid(33, 4, 4).check_positions(32)
+    Grid(33, 4, 4).check_positions(32, frames=False)  # streaming shifts time positions itself
+    Grid(33, 40, 40).check_positions(None)  # unknown table: no check

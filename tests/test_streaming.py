@@ -253,6 +253,9 @@ def test_construction_errors(model):
     runner.push(torch.zeros(1, 4, 1, 8, 8))
     with pytest.raises(ValueError, match="differ from the stream"):
         runner.push(torch.zeros(1, 4, 1, 8, 10))
+    with pytest.raises(ValueError, match=r"40 tokens long in columns .*rope_max_seq_len"):  # RoPE: 32 per axis
+        StreamRunner(model, text, StreamConfig()).push(torch.zeros(1, 4, 1, 8, 80))
+    StreamRunner(model, text, StreamConfig()).push(torch.zeros(1, 4, 1, 8, 64))  # 32 columns: fits
 
 
 def test_future_reference_is_refused(model):
