@@ -21,8 +21,10 @@ def publish(tmp, path) -> Path:
 
 
 def write_text_atomic(path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file beside it: readers never see half a file,
-    and an interrupted write leaves the old file (or none) and no temp file."""
+    """Write ``text`` to ``path`` through a temp file beside it, renamed over ``path`` when
+    complete: readers never see half a file. A failed write leaves the old file (or none) and
+    removes its temp file; a killed process may leave the hidden ``.NAME.*.tmp``, never a
+    half-written ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
