@@ -1067,7 +1067,7 @@ class StreamEdit:
 
 def edit_stream(
     video, model="reference", *, prompt: str | None = None, strength: float = 0.5, steps: int = 4,
-    planner="lipar", gop=None, recovery: str = "clean", first_chunk: str = "full", seed: int = 0,
+    planner="lipar", gop=None, recovery: str = "none", first_chunk: str = "full", seed: int = 0,
     reference: bool = False, vae=None, prompt_embeds=None, fps=None, size=None, max_frames=None,
     device=None, dtype=None, compile: bool = False, progress: bool = False, **plan_kwargs,
 ) -> StreamEdit:

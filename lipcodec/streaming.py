@@ -82,7 +82,9 @@ class StreamConfig:
         shift: flow shift applied to every timestep (Wan / Self-Forcing: 5.0; 1 = none).
         sink, window: the cache keeps the first ``sink`` frames of the stream and the
             ``window`` most recent frames (LIPAR 1 + 6). ``window=None``: keep every frame.
-        recovery: ``none``, ``proportional``, ``duplicate`` or ``clean`` (module docstring).
+        recovery: ``none`` (default, as in the executor and the CLI: the fewest launches),
+            ``proportional`` (on the reference model the most faithful streaming mode, +7%
+            GPU time), ``duplicate`` or ``clean`` (LIPAR's) - module docstring, streaming.md.
         first_chunk: ``full`` (default): chunk 0 ignores the plan and computes every token,
             so the clean cache every later copy comes from is exact; ``prune``: LIPAR's
             behaviour, chunk 0 is pruned too (``clean`` then has no clean source and runs
@@ -107,7 +109,7 @@ class StreamConfig:
     shift: float = attrs.field(default=5.0, converter=float)
     sink: int = attrs.field(default=1, validator=_non_negative_or_none)
     window: int | None = attrs.field(default=6, validator=_non_negative_or_none)
-    recovery: str = "clean"
+    recovery: str = "none"
     first_chunk: str = "full"
     rope_frames: int | None = attrs.field(default=None, validator=_non_negative_or_none)
     plan_context: int | None = attrs.field(default=21, validator=_non_negative_or_none)

@@ -615,3 +615,21 @@ def test_streaming_benchmark_smoke(tmp_path):
     assert rows["lipar none, planned in place"]["planned_ahead"] == 0
     assert rows["lipar none, planned in place"]["err_vs_unpruned"] == rows["lipar none"]["err_vs_unpruned"]
     assert all(len(r["fps_with_plan_runs"]) == 2 for r in rows.values()) and result["repeats"] == 2
+
+
+def test_recovery_defaults_agree():
+    """One default recovery mode everywhere: the streaming API once defaulted to LIPAR's
+    ``clean`` while ``lipcodec edit --stream`` and the executor used ``none``."""
+    import inspect
+
+    from lipcodec.cli import build_parser
+    from lipcodec.editing import edit_stream
+    from lipcodec.executor import apply
+
+    defaults = {
+        "StreamConfig": StreamConfig().recovery,
+        "edit_stream": inspect.signature(edit_stream).parameters["recovery"].default,
+        "apply": inspect.signature(apply).parameters["recovery"].default,
+        "edit --stream": build_parser().parse_args(["edit", "--stream", "clip.mp4", "-o", "out.mp4"]).recovery,
+    }
+    assert set(defaults.values()) == {"none"}, defaults
