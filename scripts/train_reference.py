@@ -36,6 +36,7 @@ block-causal (a chunk sees itself and earlier chunks), loss on the last chunk on
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lipcodec.models import CONFIG, Reference  # noqa: E402
 from lipcodec.models.data import ClipSampler, holdout_clips  # noqa: E402
 from lipcodec.models.edits import VOCABULARY, apply_edits  # noqa: E402
+from lipcodec.models.evaluate import gray_round_trip  # noqa: E402
 
 CHUNK = 3
 
@@ -77,11 +79,15 @@ def train_ae(model, sampler, args, state, until: float, decoder_only: bool = Fal
     if decoder_only:  # the frozen encoder keeps the latents the denoiser was trained on
         ae.encoder.eval()
         ae.decoder.requires_grad_(True)
+    anchor = None
+    if args.anchor > 0 and not decoder_only:  # a fine-tune that keeps the latent space the denoiser knows
+        anchor = copy.deepcopy(ae).eval().requires_grad_(False)
     params = [p for p in ae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.ae_lr, weight_decay=0.0)
     before = holdout_psnr(model, state) if decoder_only else None
+    gray_before = gray_round_trip(model, holdout_clips(33, (128, 128))) if decoder_only else None
     if before is not None:
-        log_line(state, f"held-out PSNR before: {before}")
+        log_line(state, f"held-out PSNR before: {before}, gray round-trip chroma before: {gray_before}")
     dev, amp = state["device"], state["amp"]
     start, step, hist = time.perf_counter(), 0, []
     span = max(until - start, 1.0)
@@ -105,6 +111,11 @@ def train_ae(model, sampler, args, state, until: float, decoder_only: bool = Fal
             y = ae.decode(z)
         y = y.float()
         loss = F.mse_loss(y, x) + 0.1 * F.l1_loss(y, x) + 1e-5 * z.float().pow(2).mean()
+        if anchor is not None:
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                z0 = anchor.encode(x)
+            drift = F.mse_loss(ae.normalize(z.float()), ae.normalize(z0.float()))
+            loss = loss + args.anchor * drift
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -113,16 +124,22 @@ def train_ae(model, sampler, args, state, until: float, decoder_only: bool = Fal
         if step % 50 == 0:
             p = psnr(y.detach(), x)
             hist.append({"step": step, "loss": round(loss.item(), 5), "psnr": round(p, 2)})
+            if anchor is not None:
+                hist[-1]["drift"] = round(drift.item(), 5)
             if step % 200 == 0:
-                log_line(state, f"ae step {step} loss {loss.item():.4f} train psnr {p:.2f}")
+                log_line(state, f"ae step {step} loss {loss.item():.4f} train psnr {p:.2f}"
+                                + (f" latent drift {drift.item():.5f}" if anchor is not None else ""))
     state["log"]["decoder" if decoder_only else "ae"] = log = {
         "steps": step, "seconds": round(time.perf_counter() - start, 1), "history": hist, "lr": args.ae_lr,
-        **({"holdout_psnr_before": before} if decoder_only else {})}
+        "anchor": args.anchor if anchor is not None else 0,
+        **({"holdout_psnr_before": before, "gray_round_trip_chroma_before": gray_before} if decoder_only else {})}
     ae.eval().requires_grad_(False)
-    if not decoder_only:
+    if not decoder_only and anchor is None:  # an anchored fine-tune keeps the old normalisation
         latent_stats(model, sampler, state)
     log["holdout_psnr"] = holdout_psnr(model, state)
-    log_line(state, f"{'decoder' if decoder_only else 'ae'} done: {step} steps, held-out PSNR {log['holdout_psnr']}")
+    log["gray_round_trip_chroma"] = gray_round_trip(model, holdout_clips(33, (128, 128)))
+    log_line(state, f"{'decoder' if decoder_only else 'ae'} done: {step} steps, held-out PSNR {log['holdout_psnr']}, "
+                    f"gray round-trip chroma {log['gray_round_trip_chroma']}")
 
 
 @torch.no_grad()
@@ -318,6 +335,9 @@ def main(argv=None):
                    help="share of denoiser samples that start from pure noise (s0 = 1); the rest start at U[0.3, 1]")
     p.add_argument("--word-weights", default="",
                    help="word sampling weights (denoiser, --edit-share), e.g. negative=3,grayscale=2 (unnamed words 1)")
+    p.add_argument("--anchor", type=float, default=0.0,
+                   help="autoencoder fine-tune (--stage ae/both with --resume): weight of a penalty on the "
+                        "normalised latents' drift from the resumed encoder's, so the denoiser stays valid")
     p.add_argument("--edit-share", type=float, default=0.0,
                    help="autoencoder/decoder: share of clips replaced by an edited version (a random word)")
     p.add_argument("--small", action="store_true", help="CPU smoke test: small batches, no real clips")

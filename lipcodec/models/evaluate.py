@@ -2,10 +2,11 @@
 
     python -m lipcodec.models.evaluate --out eval.json [--quick]
 
-- autoencoder PSNR on held-out clips (never trained on);
-- edit checks at strength 0.5 on held-out clips: chroma (grayscale), luma correlation with
-  the source (negative: should be strongly negative), luma PSNR against the source, PSNR
-  against the exact pixel edit;
+- autoencoder PSNR on held-out clips (never trained on), and the chroma its round trip
+  leaves in their exact grayscale edits (the floor under the ``grayscale`` word);
+- edit checks at strength 0.5 on held-out clips: chroma over the source's and in 8-bit
+  levels (grayscale: near zero), luma correlation with the source (negative: strongly
+  negative), luma PSNR against the source, PSNR against the exact pixel edit;
 - fidelity of pruned against unpruned runs (same noise) for each planner x recovery mode at
   about 20/32/50 % reused tokens, through lipcodec's own edit session, full-sequence and
   streaming (chunk-causal, ``lipcodec.edit_stream``).
@@ -43,15 +44,31 @@ def autoencoder(model, clips) -> dict:
     return out
 
 
+def gray_round_trip(model, clips) -> dict:
+    """The autoencoder round trip of each clip's exact grayscale edit: its chroma over the
+    source's (``ratio``) and in 8-bit levels (``levels``, mean |RGB - luma|), next to the
+    source's own (``source_levels``). The floor under the ``grayscale`` word: the denoiser
+    can only make latents that the decoder turns into pixels."""
+    out = {}
+    for name, frames in clips.items():
+        src = _t(frames)
+        gray = (EDITS["grayscale"](src) * 255).round().to(torch.uint8)[0].permute(1, 2, 3, 0).numpy()
+        left = chroma(_t(model.decode(model.encode(gray))))
+        out[name] = {"ratio": round((left / chroma(src)).item(), 3), "levels": round(255 * left.item(), 2),
+                     "source_levels": round(255 * chroma(src).item(), 2)}
+    return out
+
+
 def edits(model, clips, strength=0.5, steps=10, seed=0) -> dict:
     rows = {}
     for word in VOCABULARY:
-        acc = {"chroma_ratio": [], "luma_corr": [], "luma_psnr_vs_source": [], "psnr_vs_exact_edit": []}
+        acc = {"chroma_ratio": [], "chroma_levels": [], "luma_corr": [], "luma_psnr_vs_source": [], "psnr_vs_exact_edit": []}
         for frames in clips.values():
             src = _t(frames)
             out = _t(model.edit(frames, word, strength=strength, steps=steps, seed=seed))
             ls, lo = luma(src).flatten(), luma(out).flatten()
             acc["chroma_ratio"].append((chroma(out) / chroma(src)).item())
+            acc["chroma_levels"].append(255 * chroma(out).item())
             acc["luma_corr"].append(torch.corrcoef(torch.stack([ls, lo]))[0, 1].item())
             acc["luma_psnr_vs_source"].append(_psnr(luma(out), luma(src)))
             acc["psnr_vs_exact_edit"].append(_psnr(out, EDITS[word](src.float()).double()))
@@ -122,6 +139,7 @@ def main(argv=None):
     result = {"autoencoder_psnr_128": autoencoder(model, clips)}
     bundled = read_video(fixtures.bundled_clip(), progress=False).frames
     result["autoencoder_psnr_bundled_416x240"] = autoencoder(model, {"bundled": bundled})["bundled"]
+    result["gray_round_trip_chroma_128"] = gray_round_trip(model, clips)
     print(result, flush=True)
     if not args.no_edits:
         result["edits_strength_0.5"] = edits(model, clips)
