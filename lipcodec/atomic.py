@@ -20,17 +20,36 @@ def publish(tmp, path) -> Path:
     return Path(path)
 
 
+def _write_atomic(path, write, suffix: str = ".tmp") -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        write(fd, tmp)
+        return publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_text_atomic(path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temp file beside it, renamed over ``path`` when
     complete: readers never see half a file. A failed write leaves the old file (or none) and
     removes its temp file; a killed process may leave the hidden ``.NAME.*.tmp``, never a
     half-written ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
+
+    def write(fd, tmp):
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        return publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    return _write_atomic(path, write)
+
+
+def save_image_atomic(path, image) -> Path:
+    """Save a PIL image to ``path`` the same way; the format comes from the extension (an
+    unknown one is PIL's ``ValueError``, and nothing is written)."""
+
+    def write(fd, tmp):
+        os.close(fd)
+        image.save(tmp)
+
+    return _write_atomic(path, write, suffix=".tmp" + Path(path).suffix)

@@ -1,4 +1,4 @@
-"""lipcodec.atomic.write_text_atomic: whole files or nothing, and no temp files left behind."""
+"""lipcodec.atomic: whole files or nothing, and no temp files left behind."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import os
 
 import pytest
 
-from lipcodec.atomic import write_text_atomic
+import numpy as np
+from PIL import Image
+
+from lipcodec.atomic import save_image_atomic, write_text_atomic
 
 
 def test_writes_and_replaces(tmp_path):
@@ -31,6 +34,17 @@ def test_missing_folder_is_an_error_and_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         write_text_atomic(tmp_path / "no" / "result.json", "x")
     assert os.listdir(tmp_path) == []
+
+
+def test_image_round_trips_and_a_bad_extension_writes_nothing(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    path = tmp_path / "sheet.png"
+    assert save_image_atomic(path, Image.fromarray(pixels)) == path
+    assert np.array_equal(np.asarray(Image.open(path)), pixels)
+    with pytest.raises(ValueError, match="unknown file extension"):
+        save_image_atomic(tmp_path / "sheet.nope", Image.fromarray(pixels))
+    assert sorted(os.listdir(tmp_path)) == ["sheet.png"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
 def _umask() -> int:

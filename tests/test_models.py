@@ -147,6 +147,27 @@ def test_evaluate_edits_reports_each_clip(model, clip):
     assert set(rows) == set(model.vocabulary)
     for row in rows.values():
         assert list(row["per_clip"]) == ["a", "b"]
-        for metric in ("chroma_ratio", "luma_corr", "luma_psnr_vs_source", "psnr_vs_exact_edit"):
+        for metric in ("chroma_ratio", "chroma_levels", "luma_corr", "luma_psnr_vs_source", "psnr_vs_exact_edit"):
             values = [row["per_clip"][c][metric] for c in ("a", "b")]
             assert row[metric] == pytest.approx(sum(values) / 2, abs=1e-3)
+
+
+def test_evaluate_contact_sheet_shows_each_edit(model, clip):
+    """``evaluate --sheet``: one row per clip, the source then one cell per word, each cell the
+    middle frame of that edit (a label drawn in its top-left corner)."""
+    from lipcodec.models.evaluate import contact_sheet, edits, gray_round_trip
+
+    short = clip[:5, :32, :48]
+    frames = {}
+    edits(model, {"a": short, "b": short[::-1].copy()}, steps=2, frames_out=frames)
+    sheet = np.asarray(contact_sheet(frames))
+    words = len(model.vocabulary)
+    assert sheet.shape == (2 * 32, (1 + words) * 48, 3)
+    negative = model.edit(short[::-1].copy(), "negative", strength=0.5, steps=2, seed=0)[2]
+    col = 1 + list(model.vocabulary).index("negative")
+    cell = sheet[32:, col * 48:(col + 1) * 48]
+    assert np.array_equal(cell[16:], negative[16:])  # below the label
+    assert np.array_equal(sheet[:32, :48][16:], short[2][16:])  # the source comes first
+    floor = gray_round_trip(model, {"a": short})["a"]
+    assert 0 <= floor["levels"] < floor["source_levels"] and floor["ratio"] == pytest.approx(
+        floor["levels"] / floor["source_levels"], abs=2e-3)

