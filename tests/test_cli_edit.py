@@ -67,8 +67,7 @@ def test_edit_prints_a_table_and_shows_progress(tmp_path, clip, model_dir, capsy
     assert read_video(tmp_path / "e.mkv", progress=False).frames.shape == (17, 64, 64, 3)
 
 
-@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
-                    reason="torch.compile on the CPU builds C++: install a C++ compiler (g++)")
+@pytest.mark.needs_cxx
 def test_edit_compile_matches_eager(tmp_path, clip, model_dir, capsys):
     """--compile (the blocks compiled in place, lipcodec's hooks around and inside them): the
     same pruned edit and the same fidelity report as eager, to rounding."""

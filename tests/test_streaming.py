@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
 
 import attrs
 import pytest
@@ -419,8 +418,7 @@ def test_pruned_stream_restores_references(model, recovery):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.skipif(not any(map(shutil.which, ("g++", "c++", "clang++"))),
-                    reason="torch.compile on the CPU builds C++: install a C++ compiler (g++)")
+@pytest.mark.needs_cxx
 def test_compiled_stream_matches_eager_without_recompiling(model):
     """compile=True: the same stream to rounding, and one graph per compiled part (in, out)
     for every kept count the chunks bring - dynamic shapes, no recompilation per chunk."""
