@@ -66,15 +66,15 @@ def test_edit_is_deterministic_and_does_what_the_word_says(model, clip):
     again = model.edit(clip, "grayscale", strength=0.5, steps=6, seed=3)
     assert np.array_equal(gray, again)
     src = _float(clip)
-    assert chroma(_float(gray)) < 0.5 * chroma(src)  # measured 0.21x here, 0.13x at 128x224
+    assert chroma(_float(gray)) < 0.5 * chroma(src)  # measured 0.20x here, 0.13x at 128x224
     luma_psnr = 10 * torch.log10(1 / (luma(_float(gray)) - luma(src)).pow(2).mean())
     assert luma_psnr > 20  # structure kept at strength 0.5
 
 
 def test_negative_inverts_luma(model):
     """At the model card's size (the bundled clip at 128x224, as in its fidelity tables): measured
-    -0.83. At 64x112 (8 x 14 latents, the other tests' clip) the negative inverts only weakly
-    (-0.15), and not at all on the rocket pan (+0.85): docs/model-card.md."""
+    -0.86. At 64x112 (8 x 14 latents, the other tests' clip) the negative does not invert
+    reliably (+0.38), nor on the rocket pan (+0.86): docs/model-card.md."""
     clip = read_video(fixtures.bundled_clip(), size=(128, 224), max_frames=17, progress=False).frames
     src = _float(clip)
     neg = _float(model.edit(clip, "negative", strength=0.5, steps=6, seed=3))
