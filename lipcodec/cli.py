@@ -48,6 +48,9 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
         "-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="planner parameter (repeatable)"
     )
     parser.add_argument("--motion", action="store_true", help="decode codec motion vectors (automatic for bitstream)")
+    parser.add_argument("--kept-multiple", type=int, metavar="N",
+                        help="round the kept token count up to a multiple of N (e.g. 128; with --compile, "
+                             "plans in one bucket share one compiled graph)")
     parser.add_argument(
         "--import", dest="imports", action="append", default=[], metavar="MODULE",
         help="import MODULE first, e.g. one that registers a custom planner (repeatable)",
@@ -118,13 +121,18 @@ def build_planner(args):
         planner = planners.get(args.planner, **parse_params(args.param))
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
+    if args.kept_multiple is not None and args.kept_multiple < 1:
+        raise UsageError(f"--kept-multiple {args.kept_multiple} must be >= 1, e.g. 128")
+    if args.kept_multiple is not None and getattr(args, "stream", False):
+        raise UsageError("--kept-multiple pads full-sequence plans; --stream plans chunk by chunk: drop one")
     return planner, gop
 
 
 def make_plan(args, video, latents, planner, gop):
     import lipcodec
 
-    return lipcodec.plan(latents, planner=planner, gop=gop, frames=video.frames, motion=video.motion)
+    return lipcodec.plan(latents, planner=planner, gop=gop, frames=video.frames, motion=video.motion,
+                         kept_multiple=args.kept_multiple)
 
 
 def check_output(path: str | None, video_path, what: str) -> Path | None:
@@ -403,7 +411,7 @@ def cmd_edit(args) -> int:
         recovery=args.recovery, restore=args.restore, seed=args.seed, reference=args.reference,
         guidance_scale=args.guidance_scale, device=_device(args), dtype=args.dtype, fps=args.fps, size=args.size,
         max_frames=args.max_frames, memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None,
-        compile=args.compile, progress=not args.quiet,
+        compile=args.compile, kept_multiple=args.kept_multiple, progress=not args.quiet,
     )
     write_video(out, result.frames, result.fps, codec=codec, protect=[args.video], progress=not args.quiet)
     report = {"input": str(args.video), "output": str(out), **result.report.to_dict()}

@@ -736,6 +736,7 @@ def edit(
     progress: bool = False,
     vae=None,
     compile: bool = False,
+    kept_multiple: int | None = None,
     **planner_params,
 ) -> EditResult | StreamEdit:
     """Edit ``video`` with ``model``, computing only the tokens the plan keeps.
@@ -762,9 +763,14 @@ def edit(
         negative_prompt_embeds, device, dtype (transformer only), fps, size (H, W),
         max_frames, memory_limit (bytes; default: free memory on the device), progress,
         compile (``torch.compile`` the transformer's blocks in place: faster on a GPU once
-        compiled, and the first steps pay the compilation).
+        compiled, and the first steps pay the compilation), kept_multiple (round the kept
+        count up to a multiple, e.g. 128: :meth:`~lipcodec.Plan.padded`; with ``compile``,
+        plans in one bucket share one compiled graph; full-sequence models only).
     """
     if isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in CHECKPOINT_SUFFIXES:
+        if kept_multiple is not None:
+            raise EditError(f"kept_multiple={kept_multiple}: a chunk-causal checkpoint streams, and streaming "
+                            "plans are not padded; drop kept_multiple")
         return edit_stream(
             video, model, prompt=prompt, strength=strength, steps=steps, planner=planner, gop=gop,
             recovery=recovery, seed=seed, reference=reference, vae=vae, prompt_embeds=prompt_embeds, fps=fps,
@@ -784,7 +790,7 @@ def edit(
     if _is_plan(built):
         check_plan_grid(built, session.pipe, session.frames.shape)
     reference_run = session.run_unpruned() if reference else None
-    run = session.run(built, gop=gop, recovery=recovery, restore=restore)
+    run = session.run(built, gop=gop, recovery=recovery, restore=restore, kept_multiple=kept_multiple)
     fidelity = fidelity_of(reference_run, run) if reference else None
     n, h, w = session.frames.shape[:3]
     plan = run.plan
@@ -874,7 +880,7 @@ class Session:
         return self._timed("unpruned")
 
     def run(self, planner, *, gop=None, recovery: str = "none", restore: str = "copy", desc: str = "pruned",
-            clean_refresh: int = 0, **planner_params) -> Run:
+            clean_refresh: int = 0, kept_multiple: int | None = None, **planner_params) -> Run:
         from . import apply
 
         built = build_planner(planner, planner_params)
@@ -887,7 +893,7 @@ class Session:
                                motion=self.video.motion)
         try:
             codec = apply(self.pipe, built, recovery=recovery, restore=restore, clean_refresh=clean_refresh,
-                          **plan_kwargs)
+                          kept_multiple=kept_multiple, **plan_kwargs)
         except ValueError as error:
             raise EditError(str(error)) from None
         try:

@@ -35,7 +35,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from einops import rearrange
 
 from .attention import RECOVERY_MODES, KeyRuns, WanRecoveryProcessor, check_recovery, multiplicity_order
-from .plan import Grid, Plan
+from .plan import Grid, Plan, check_kept_multiple
 from .planners import Planner
 from .planners import plan as make_plan
 
@@ -530,6 +530,7 @@ def apply(
     recovery_window: int | None = None,
     clean_refresh: int = 0,
     sigma: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    kept_multiple: int | None = None,
     **plan_kwargs,
 ) -> Codec:
     """Run a plan inside a video DiT; returns the :class:`Codec` handle (a context manager).
@@ -555,8 +556,16 @@ def apply(
             text per refresh); 0 (default) = the source's clean pass for the whole run.
         sigma: ``timestep -> sigma`` for restore="copy"; default t/1000 (diffusers'
             flow-match convention), or the pipeline scheduler's own sigma table.
+        kept_multiple: round the plan's kept count up to a multiple of this
+            (:meth:`Plan.padded`: a given plan or the one a planner makes), so a compiled
+            model (static shapes, CUDA graphs) meets a few sequence lengths, not one per plan.
         plan_kwargs: passed to :func:`lipcodec.plan` (``gop=``, ``seed=``, planner params).
     """
+    if kept_multiple is not None:
+        if isinstance(plan_or_planner, Plan):
+            plan_or_planner = plan_or_planner.padded(kept_multiple)
+        else:
+            plan_kwargs["kept_multiple"] = check_kept_multiple(kept_multiple)
     model, pipe = _transformer_of(model_or_pipe)
     remove(model)
     if sigma is None and pipe is not None and getattr(pipe, "scheduler", None) is not None:

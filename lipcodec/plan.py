@@ -222,6 +222,34 @@ class Plan:
         there = torch.stack(self.grid.position(self.source), 1)
         return torch.stack([here[:, 0] - there[:, 0], there[:, 1] - here[:, 1], there[:, 2] - here[:, 2]], 1)
 
+    def padded(self, multiple: int) -> Plan:
+        """The plan with its kept count rounded up to a multiple of ``multiple`` (at most
+        every token): reused tokens are promoted to computed, those whose source lies
+        furthest back in time first (then furthest in space, then the lower token id).
+
+        Kept counts in buckets give the pruned sequence a few fixed lengths, so a compiled
+        model (``torch.compile`` with static shapes, CUDA graphs) serves many plans with one
+        graph per bucket instead of one per plan; 128 matches attention kernels' tiles.
+        Promoting only adds computed tokens, so every reuse left is one the planner chose.
+        """
+        check_kept_multiple(multiple)
+        target = min(-(-self.num_kept // multiple) * multiple, self.grid.size)
+        need = target - self.num_kept
+        if need == 0:
+            return self
+        reused = (~self.computed).nonzero().flatten()
+        frames_back, rows, cols = self.offsets[reused].unbind(1)
+        order = np.lexsort((reused.cpu().numpy(), -(rows.abs() + cols.abs()).cpu().numpy(), -frames_back.cpu().numpy()))
+        promote = reused[torch.as_tensor(order[:need], device=reused.device)]
+        source = self.source.clone()
+        source[promote] = promote
+        shift = None
+        if self.shift is not None:
+            shift = self.shift.clone()
+            shift[promote] = 0
+        meta = {**self.meta, "kept_multiple": multiple, "promoted": need}
+        return attrs.evolve(self, source=source, shift=shift, meta=meta)
+
     def to(self, device) -> Plan:
         """The same plan with its tensors on ``device`` (derived caches are rebuilt there)."""
         shift = None if self.shift is None else self.shift.to(device)
@@ -282,6 +310,13 @@ class Plan:
             if isinstance(error, PlanError):
                 raise
             raise PlanError(f"{path} is not a lipcodec plan file ({error}); it must come from Plan.save") from error
+
+
+def check_kept_multiple(multiple) -> int:
+    """``multiple`` if it is a valid kept-count bucket (an int >= 1), else a ValueError."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"kept_multiple must be an int >= 1 (e.g. 128), got {multiple!r}")
+    return multiple
 
 
 def _resolve_chains(source: torch.Tensor, grid: Grid) -> torch.Tensor:

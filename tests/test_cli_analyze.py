@@ -105,6 +105,19 @@ def test_default_video_is_the_bundled_clip(tmp_path, capsys):
     assert "pixel proxy" in table and "kept 3510/3510 tokens (100.0%)" in table
 
 
+def test_kept_multiple_rounds_the_kept_count_up(tmp_path, capsys):
+    args = ["analyze", "-p", "target_kept=0.68", "-q", "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    plain = json.loads((tmp_path / "r.json").read_text())
+    assert main([*args, "--kept-multiple", "128"]) == 0
+    padded = json.loads((tmp_path / "r.json").read_text())
+    tokens = 9 * 15 * 26
+    kept = round(padded["kept_ratio"] * tokens)
+    assert kept % 128 == 0 and 0 < kept - round(plain["kept_ratio"] * tokens) < 128
+    assert main(["edit", "--stream", "--kept-multiple", "128", "-o", str(tmp_path / "s.mp4")]) == 2
+    assert "--kept-multiple pads full-sequence plans" in capsys.readouterr().err
+
+
 def test_quiet_prints_nothing(clip, capsys):
     assert main(["analyze", str(clip), "--planner", "intra", "--quiet"]) == 0
     captured = capsys.readouterr()
@@ -128,6 +141,7 @@ def test_fps_size_and_max_frames_reach_the_reader(tmp_path, clip):
         (["--planner", "intra", "--json", "/no/such/folder/r.json"], "folder /no/such/folder does not exist"),
         (["--planner", "intra", "--vae", "/no/such/vae"], "--vae /no/such/vae: no such folder"),
         (["--planner", "intra", "--import", "no_such_module_xyz"], "--import no_such_module_xyz"),
+        (["--planner", "intra", "--kept-multiple", "0"], "--kept-multiple 0 must be >= 1"),
     ],
 )
 def test_usage_errors_exit_2(clip, capsys, args, message):

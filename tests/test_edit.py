@@ -187,3 +187,46 @@ def test_edit_example_runs_as_written(tmp_path):
     assert lines[0].startswith("frames (17, 64, 64, 3), frame types I") and "kept" in lines[0]
     assert lines[1].startswith("fidelity vs unpruned: PSNR") and lines[2].startswith("by hand: 17 frames, 12 model calls")
     assert out.is_file()
+
+
+def test_kept_multiple_pads_plans_in_plan_apply_and_edit(model_dir, clip):
+    from lipcodec.video import pixel_proxy_latents, read_video
+
+    latents = pixel_proxy_latents(read_video(clip, fit="wan", progress=False).frames)[None]
+    plain = lipcodec.plan(latents, "lipar", target_kept=0.6)
+    padded = lipcodec.plan(latents, "lipar", target_kept=0.6, kept_multiple=16)
+    assert plain.num_kept % 16 and padded.num_kept == -(-plain.num_kept // 16) * 16
+    assert torch.equal(padded.source, plain.padded(16).source)
+    with pytest.raises(ValueError, match="kept_multiple must be an int >= 1"):
+        lipcodec.plan(latents, "lipar", kept_multiple=0)
+    result = lipcodec.edit(clip, model_dir, strength=0.5, steps=2, planner="lipar", target_kept=0.6, kept_multiple=16)
+    assert result.report.kept_tokens % 16 == 0 and result.plan.meta["kept_multiple"] == 16
+    given = lipcodec.edit(clip, model_dir, strength=0.5, steps=2, planner=plain, kept_multiple=16)  # a Plan too
+    assert given.report.kept_tokens == padded.num_kept
+
+
+@pytest.mark.needs_cxx
+def test_kept_multiple_lets_plans_share_one_compiled_graph(model_dir, clip):
+    """With static-shape compilation (``compile=True``), every new kept count compiles the
+    blocks again; plans padded into one bucket reuse the graph."""
+    from torch._dynamo.utils import counters
+
+    from lipcodec.editing import prepare
+    from lipcodec.testing import same_place_plan
+
+    session = prepare(clip, model_dir, strength=0.5, steps=2, compile=True)
+    grid = lipcodec.Grid(5, 4, 4)
+    plans = [same_place_plan(grid, reuse) for reuse in (0.3, 0.35, 0.45)]
+    kept = [p.num_kept for p in plans]
+    assert len(set(kept)) == 3 and len({-(-k // 16) for k in kept[:2]}) == 1  # two counts, one bucket
+    torch._dynamo.reset()
+    counters.clear()
+
+    def graphs_after(plan, **kwargs) -> int:
+        session.run(plan, **kwargs)
+        return counters["stats"]["unique_graphs"]
+
+    first = graphs_after(plans[0], kept_multiple=16)
+    assert first >= 1
+    assert graphs_after(plans[1], kept_multiple=16) == first  # same bucket: no new graph
+    assert graphs_after(plans[2]) > first  # an unpadded new count compiles again

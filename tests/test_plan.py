@@ -357,3 +357,42 @@ def test_grid_helpers():
     assert grid.position(grid.token(2, 3, 5)) == (2, 3, 5)
     with pytest.raises(ValueError, match=re.escape("latent size F,H,W = 9,7,12 is not divisible by the patch size (1, 2, 2)")):
         Grid.from_latents((16, 9, 7, 12))
+
+
+# -- kept-count buckets ----------------------------------------------------------------------
+@settings(max_examples=150, deadline=None)
+@given(random_plans(), st.integers(1, 40))
+def test_padded_rounds_the_kept_count_up_by_promoting_reused_tokens(case, multiple):
+    _, plan = case
+    padded = plan.padded(multiple)
+    expected = min(-(-plan.num_kept // multiple) * multiple, plan.grid.size)
+    assert padded.num_kept == expected
+    assert bool((padded.computed >= plan.computed).all())  # only promotions
+    still_reused = ~padded.computed
+    assert torch.equal(padded.source[still_reused], plan.source[still_reused])  # the planner's own choices
+    promoted = padded.computed & ~plan.computed
+    if promoted.any() and still_reused.any():  # the stalest reuses go first
+        assert plan.offsets[promoted, 0].min() >= plan.offsets[still_reused, 0].max()
+    if padded.shift is not None:
+        assert torch.equal(padded.shift[still_reused], plan.shift[still_reused])
+        assert not padded.shift[promoted].any()
+    assert padded.padded(multiple) is padded or padded.num_kept == plan.grid.size
+    assert padded.meta["planner"] == plan.meta["planner"]
+
+
+def test_padded_order_meta_and_errors():
+    grid = Grid(3, 1, 4)
+    # frame 1: token 4 reuses 0 (straight back), 5 reuses 2 (one column over); frame 2: 8 reuses 4 -> 0
+    source = torch.tensor([0, 1, 2, 3, 0, 2, 6, 7, 4, 9, 10, 11])
+    plan = Plan(grid, source, Schedule.parse("IPP"))
+    assert plan.num_kept == 9
+    one = plan.padded(5)
+    assert one.num_kept == 10 and one.computed[8]  # two frames back goes first
+    assert one.meta["kept_multiple"] == 5 and one.meta["promoted"] == 1
+    two = plan.padded(11)
+    assert two.computed[8] and two.computed[5] and not two.computed[4]  # then the one that moved in space
+    assert plan.padded(3) is plan and plan.padded(1) is plan  # already a multiple
+    assert plan.padded(100).num_kept == grid.size
+    for bad in (0, -128, 1.5, True, "128"):
+        with pytest.raises(ValueError, match="kept_multiple must be an int >= 1"):
+            plan.padded(bad)

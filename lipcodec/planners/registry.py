@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..gop import GOP, Schedule
-from ..plan import Grid, Plan
+from ..plan import Grid, Plan, check_kept_multiple
 
 
 @attrs.frozen
@@ -142,6 +142,7 @@ def plan(
     motion: MotionField | None = None,
     temporal_factor: int = 4,
     seed: int = 0,
+    kept_multiple: int | None = None,
     **params: Any,
 ) -> Plan:
     """Plan one video from its clean latents, shaped (B, C, F, H, W) as diffusers' Wan takes them.
@@ -149,7 +150,11 @@ def plan(
     ``gop`` is a :class:`GOP` or an x264 params string (``"keyint=8:bframes=2"``);
     ``params`` go to the planner (e.g. ``tau1=0.1`` or ``target_kept=0.68``). All videos of
     the batch must be the same (CFG or several samples of one source): a plan is per video.
+    ``kept_multiple``: round the kept count up to a multiple of this (:meth:`Plan.padded`),
+    so compiled models see a few sequence lengths.
     """
+    if kept_multiple is not None:
+        check_kept_multiple(kept_multiple)
     latents = torch.as_tensor(latents)
     if not torch.isfinite(latents.sum()) and not torch.isfinite(latents).all():  # a finite sum: all finite
         bad = (~torch.isfinite(latents)).nonzero()[0].tolist()
@@ -176,4 +181,5 @@ def plan(
         temporal_factor=temporal_factor,
         seed=seed,
     )
-    return get(planner, **params)(ctx)
+    result = get(planner, **params)(ctx)
+    return result if kept_multiple is None else result.padded(kept_multiple)
