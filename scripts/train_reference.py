@@ -342,6 +342,9 @@ def main(argv=None):
                    help="autoencoder/decoder: share of clips replaced by an edited version (a random word)")
     p.add_argument("--small", action="store_true", help="CPU smoke test: small batches, no real clips")
     args = p.parse_args(argv)
+    if args.anchor and (args.resume is None or args.stage not in ("ae", "both")):
+        raise SystemExit(f"--anchor {args.anchor} holds a resumed encoder's latents: it needs --resume and "
+                         f"--stage ae or both (got --stage {args.stage}, --resume {args.resume})")
     word_weights = parse_word_weights(args.word_weights, VOCABULARY)
     args.batch_div = 8 if args.small else 1
 

@@ -123,6 +123,17 @@ def _training_script():
     return module
 
 
+def test_training_anchor_needs_an_encoder_to_hold(tmp_path):
+    """--anchor penalises drift from the *resumed* encoder: without one it is refused before
+    any work, naming the fix."""
+    script = _training_script()
+    for argv in (["--stage", "ae", "--anchor", "1"],
+                 ["--stage", "decoder", "--anchor", "1", "--resume", str(models.WEIGHTS)]):
+        with pytest.raises(SystemExit, match="--anchor 1.0 holds a resumed encoder's latents: it needs --resume"):
+            script.main([*argv, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_word_weights():
     """--word-weights: named words get their weight, the rest 1; bad input names the fix."""
     script = _training_script()
