@@ -4,6 +4,8 @@
     python scripts/train_reference.py --stage dit --minutes 4 --out runs/ref2 --resume runs/ref
     python scripts/train_reference.py --stage decoder --minutes 6 --ae-lr 3e-4 --out runs/ref3 \
         --resume lipcodec/models/weights/reference.safetensors   # sharpen the decoder only
+    python scripts/train_reference.py --stage both --ae-share 0.45 --minutes 8.2 --anchor 1 --ae-lr 1e-4 \
+        --resume lipcodec/models/weights/reference.safetensors --out runs/ref4   # encoder too, anchored
     python scripts/train_reference.py --stage both --minutes 1 --out /tmp/smoke --small  # CPU smoke test
 
 Seeded; stops itself after --minutes of wall clock (the budget is split between the
@@ -18,7 +20,11 @@ measured and stored (latents are normalised like Wan's). ``--stage decoder`` tra
 decoder alone on a frozen encoder: the latent space, its normalisation and so the trained
 denoiser stay valid. ``--edit-share`` replaces that share of the clips by an edited version
 (a random word, ``--word-weights``): the decoder then also learns the latents the denoiser
-produces (a grayscale clip's latents must decode without colour).
+produces (a grayscale clip's latents must decode without colour). ``--anchor W`` lets a
+resumed encoder train too, with W x the mean squared drift of its normalised latents from
+the resumed encoder's added to the loss and the normalisation kept: the latent space moves
+little, and a denoiser run afterwards follows it (restarting the encoder freely threw the
+denoiser back: docs/model-card.md).
 
 Denoiser (WanTransformer3DModel): for a clip x and a random word w, the target is
 z_e = E(edit_w(x)), the source z_s = E(x). SDEdit starts at strength s0 from
