@@ -90,8 +90,9 @@ def train_ae(model, sampler, args, state, until: float, decoder_only: bool = Fal
         anchor = copy.deepcopy(ae).eval().requires_grad_(False)
     params = [p for p in ae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.ae_lr, weight_decay=0.0)
-    before = holdout_psnr(model, state) if decoder_only else None
-    gray_before = gray_round_trip(model, holdout_clips(33, (128, 128))) if decoder_only else None
+    held_out = holdout_clips(33, (128, 128))  # decoded once for the checks before and after
+    before = holdout_psnr(model, state, held_out) if decoder_only else None
+    gray_before = gray_round_trip(model, held_out) if decoder_only else None
     if before is not None:
         log_line(state, f"held-out PSNR before: {before}, gray round-trip chroma before: {gray_before}")
     dev, amp = state["device"], state["amp"]
@@ -142,8 +143,8 @@ def train_ae(model, sampler, args, state, until: float, decoder_only: bool = Fal
     ae.eval().requires_grad_(False)
     if not decoder_only and anchor is None:  # an anchored fine-tune keeps the old normalisation
         latent_stats(model, sampler, state)
-    log["holdout_psnr"] = holdout_psnr(model, state)
-    log["gray_round_trip_chroma"] = gray_round_trip(model, holdout_clips(33, (128, 128)))
+    log["holdout_psnr"] = holdout_psnr(model, state, held_out)
+    log["gray_round_trip_chroma"] = gray_round_trip(model, held_out)
     log_line(state, f"{'decoder' if decoder_only else 'ae'} done: {step} steps, held-out PSNR {log['holdout_psnr']}, "
                     f"gray round-trip chroma {log['gray_round_trip_chroma']}")
 
@@ -162,11 +163,11 @@ def latent_stats(model, sampler, state):
 
 
 @torch.no_grad()
-def holdout_psnr(model, state) -> dict:
+def holdout_psnr(model, state, clips) -> dict:
     from lipcodec.models import to_video_tensor
 
     out = {}
-    for name, frames in holdout_clips(33, (128, 128)).items():
+    for name, frames in clips.items():
         x = to_video_tensor(frames, state["device"])
         y = model.ae.decode(model.ae.encode(x))
         out[name] = round(psnr(y, x), 2)

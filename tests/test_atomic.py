@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 import numpy as np
+import pytest
 from PIL import Image
 
 from lipcodec.atomic import save_image_atomic, write_text_atomic

@@ -53,9 +53,9 @@ def gray_round_trip(model, clips) -> dict:
     for name, frames in clips.items():
         src = _t(frames)
         gray = (EDITS["grayscale"](src) * 255).round().to(torch.uint8)[0].permute(1, 2, 3, 0).numpy()
-        left = chroma(_t(model.decode(model.encode(gray))))
-        out[name] = {"ratio": round((left / chroma(src)).item(), 3), "levels": round(255 * left.item(), 2),
-                     "source_levels": round(255 * chroma(src).item(), 2)}
+        left, source = chroma(_t(model.decode(model.encode(gray)))), chroma(src)
+        out[name] = {"ratio": round((left / source).item(), 3), "levels": round(255 * left.item(), 2),
+                     "source_levels": round(255 * source.item(), 2)}
     return out
 
 
