@@ -21,6 +21,13 @@ CUDA memory. Sections (``--sections``):
   and the largest difference to the same rows uncompiled.
 - ``14b``: the Wan2.1-14B config at 41 frames 480x832 (11 latent frames, 17,160 tokens):
   unpatched, lipar 0.68 with ``none``/``duplicate``, and the ceiling.
+- ``buckets`` (not run by default): an edit workload on the blocks compiled with static
+  shapes (what ``lipcodec edit --compile`` does), once per ``--multiples`` value: 4 plans (2 clips
+  x lipar 0.68 / 0.70), each one edit of ``--edit-steps`` forwards with ``recovery="none"``.
+  Every new kept count recompiles the blocks; ``Plan.padded(m)`` rounds counts up to a multiple
+  of m (0 = unpadded) so plans share graphs. Rows: first-call seconds (compilation included),
+  steady ms, graphs compiled, the workload's wall seconds. Past dynamo's ``recompile_limit``
+  the blocks run eager (dynamo logs one warning).
 
 Streaming (unpruned vs pruned at the LIPAR operating point) is ``benchmarks/streaming.py``;
 planner speed on its own is ``benchmarks/plan_speed.py``.
@@ -29,10 +36,12 @@ planner speed on its own is ``benchmarks/plan_speed.py``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +57,8 @@ from lipcodec.attention import RECOVERY_MODES  # noqa: E402
 from lipcodec.testing import TINY_WAN, WAN_1_3B, WAN_14B  # noqa: E402
 from plan_speed import clip_latents  # noqa: E402
 
-SECTIONS = ("full", "pearson", "compile", "14b")
+DEFAULT_SECTIONS = ("full", "pearson", "compile", "14b")
+SECTIONS = (*DEFAULT_SECTIONS, "buckets")
 CLIPS = ("bikes.mp4", "bigbuckbunny.mp4")
 
 
@@ -192,6 +202,70 @@ def run_14b(suite: Suite):
     del model
 
 
+def run_buckets(suite: Suite, args, model=None, text=None) -> dict:
+    """Static-shape compile over an edit workload, per kept-count bucket; one compiled
+    graph per distinct kept count (dynamo's cache is reset between multiples)."""
+    config = TINY_WAN if suite.tiny else WAN_1_3B
+    frames, size = (17, (64, 96)) if suite.tiny else (81, (480, 832))
+    if model is None:
+        model, text = suite.model(config), suite.text(config)
+    steps = args.edit_steps or (3 if suite.tiny else 10)
+    multiples = args.multiples or ((0, 8, 32) if suite.tiny else (0, 128, 1024))  # tiny: 120 tokens in all
+    t = torch.tensor([700.0], device=suite.device)
+    plans = []  # (x, unpadded plan): made once, padded per multiple
+    for clip in CLIPS:
+        latents = clip_latents(clip, frames, size)
+        x = latents.to(suite.device, suite.dtype)
+        plans += [(x, lipcodec.plan(latents.to(suite.device), "lipar", target_kept=k)) for k in (0.68, 0.70)]
+
+    def wall_s(fn):
+        if suite.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if suite.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def forward(x):
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+    dynamo = torch._dynamo.config
+    limit = getattr(dynamo, "recompile_limit", None) or dynamo.cache_size_limit  # cache_size_limit: torch < 2.6
+    result = {"edit_steps": steps, "recompile_limit": limit, "multiples": {}}
+    graphs = torch._dynamo.utils.counters["stats"]  # dynamo graphs: 2 per kept count (hook wrapper + block)
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):  # cold compiles, every run
+        model.compile_repeated_blocks(dynamic=False)  # dynamo.reset() drops the graphs, keeps this wrapping
+        result["warmup_s"] = wall_s(lambda: forward(plans[0][0]))  # the compiler's one-time start-up, unpatched
+        for m in multiples:
+            torch._dynamo.reset()  # no graphs carried over from other multiples or sections
+            seen, rows, start = set(), [], time.perf_counter()
+            for x, plan in plans:
+                padded, step = plan.padded(m) if m else plan, functools.partial(forward, x)
+                before = graphs["unique_graphs"]
+                with lipcodec.apply(model, padded, recovery="none"):
+                    first = wall_s(step)
+                    ms = timed(step, steps - 1, 0, suite.cuda)
+                row = {"kept": padded.num_kept, "kept_ratio": padded.kept_ratio, "first_s": first,
+                       "steady_ms": statistics.median(ms), "new_count": padded.num_kept not in seen,
+                       "new_graphs": graphs["unique_graphs"] - before}
+                seen.add(padded.num_kept)
+                rows.append(row)
+                print(f"  [buckets] multiple {m:<5} kept {row['kept']:>6} ({row['kept_ratio']:.3f})  first "
+                      f"{first:8.2f} s  steady {row['steady_ms']:9.2f} ms  new graphs {row['new_graphs']}", flush=True)
+            result["multiples"][str(m)] = {
+                "graphs": len(seen), "dynamo_graphs": sum(r["new_graphs"] for r in rows),
+                "total_s": time.perf_counter() - start,
+                "mean_steady_ms": statistics.fmean(r["steady_ms"] for r in rows), "rows": rows}
+    torch._dynamo.reset()
+    print(f"\n  [buckets] {len(plans)} edits x {steps} steps, static-shape compile; dynamo recompile_limit "
+          f"{limit} (past it the blocks run eager, with one logged warning)\n"
+          f"  {'multiple':>8} | {'graphs':>6} | {'total s':>8} | {'steady ms':>9}")
+    for m, r in result["multiples"].items():
+        print(f"  {m:>8} | {r['graphs']:>6} | {r['total_s']:8.2f} | {r['mean_steady_ms']:9.2f}", flush=True)
+    return result
+
+
 def table(suite: Suite) -> str:
     lines = [f"{'section':<8} {'row':<36} {'kept':>6} {'ms':>10} {'speed-up':>9} {'vs ceiling':>10} {'peak GiB':>9}"]
     for row in suite.rows:
@@ -208,13 +282,19 @@ def table(suite: Suite) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (smoke test of every section)")
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--sections", nargs="+", default=list(DEFAULT_SECTIONS), choices=SECTIONS,
+                        help=f"default {' '.join(DEFAULT_SECTIONS)}")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.68, 0.5], help="lipar target_kept values")
     parser.add_argument("--modes", nargs="+", default=list(RECOVERY_MODES), choices=RECOVERY_MODES)
     parser.add_argument("--reps", type=int, default=None, help="timed calls per row (default 7, tiny 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3, tiny 1)")
+    parser.add_argument("--multiples", type=int, nargs="+", default=None,
+                        help="buckets: kept_multiple values, 0 = unpadded (default 0 128 1024, tiny 0 8 32)")
+    parser.add_argument("--edit-steps", type=int, default=None, help="buckets: forwards per edit (default 10, tiny 3)")
     parser.add_argument("--out", required=True, help="JSON results path (written atomically)")
     args = parser.parse_args(argv)
+    if args.edit_steps is not None and args.edit_steps < 2:
+        parser.error("--edit-steps must be >= 2 (the first call, then the steady ones)")
     suite = Suite(args)
     if not suite.cuda and not args.tiny:
         parser.error("no CUDA device: the suite needs a GPU; use --tiny for a CPU smoke test")
@@ -234,13 +314,16 @@ def main(argv=None):
             config = TINY_WAN if suite.tiny else WAN_1_3B
             model, text = suite.model(config), suite.text(config)
         result["compile"] = run_compile(suite, model, text, args.modes)
+    if "buckets" in args.sections:
+        result["buckets"] = run_buckets(suite, args, model, text)
     del model
     if "14b" in args.sections:
         if suite.cuda:
             torch.cuda.empty_cache()
         run_14b(suite)
     result["rows"] = suite.rows
-    print("\n" + table(suite))
+    if suite.rows:
+        print("\n" + table(suite))
     out = write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -537,6 +537,28 @@ def test_gpu_suite_smoke(tmp_path):
     assert [r["recovery"] for r in result["rows"] if r["section"] == "14b"] == [None, "none", "duplicate", "ceiling"]
 
 
+@pytest.mark.needs_cxx
+def test_gpu_suite_buckets_share_compiled_graphs(tmp_path):
+    """benchmarks/gpu_suite.py --sections buckets (tiny, CPU inductor): unpadded, every
+    distinct kept count compiles the blocks; with a multiple, plans in one bucket reuse its graph."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite", path)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    out = tmp_path / "buckets.json"
+    suite.main(["--tiny", "--sections", "buckets", "--multiples", "0", "32", "--edit-steps", "2", "--out", str(out)])
+    result = json.loads(out.read_text())["buckets"]["multiples"]
+    unpadded, padded = result["0"], result["32"]
+    assert unpadded["graphs"] == len({r["kept"] for r in unpadded["rows"]}) >= 2
+    assert padded["graphs"] == 1 and all(r["kept"] % 32 == 0 for r in padded["rows"])
+    for row in unpadded["rows"] + padded["rows"]:  # a graph is compiled exactly when the count is new
+        assert (row["new_graphs"] > 0) == row["new_count"], row
+
+
 def test_recovery_processors_keep_the_chosen_attention_backend(model):
     model.set_attention_backend("native")
     before = {n: p._attention_backend for n, p in model.attn_processors.items()}
