@@ -41,6 +41,17 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or tables")
 
 
+def add_kept_multiple_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kept-multiple", type=int, metavar="N",
+                        help="round the kept token count up to a multiple of N (e.g. 128; with --compile, "
+                             "plans in one bucket share one compiled graph)")
+
+
+def check_kept_multiple_arg(args) -> None:
+    if args.kept_multiple is not None and args.kept_multiple < 1:
+        raise UsageError(f"--kept-multiple {args.kept_multiple} must be >= 1, e.g. 128")
+
+
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--planner", default="lipar", help="planner name (default: lipar); see --list-planners")
     parser.add_argument("--gop", metavar="X264PARAMS", help="GOP as x264 params, e.g. keyint=8:bframes=2:b-pyramid=normal")
@@ -48,9 +59,7 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
         "-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="planner parameter (repeatable)"
     )
     parser.add_argument("--motion", action="store_true", help="decode codec motion vectors (automatic for bitstream)")
-    parser.add_argument("--kept-multiple", type=int, metavar="N",
-                        help="round the kept token count up to a multiple of N (e.g. 128; with --compile, "
-                             "plans in one bucket share one compiled graph)")
+    add_kept_multiple_arg(parser)
     parser.add_argument(
         "--import", dest="imports", action="append", default=[], metavar="MODULE",
         help="import MODULE first, e.g. one that registers a custom planner (repeatable)",
@@ -121,8 +130,7 @@ def build_planner(args):
         planner = planners.get(args.planner, **parse_params(args.param))
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
-    if args.kept_multiple is not None and args.kept_multiple < 1:
-        raise UsageError(f"--kept-multiple {args.kept_multiple} must be >= 1, e.g. 128")
+    check_kept_multiple_arg(args)
     if args.kept_multiple is not None and getattr(args, "stream", False):
         raise UsageError("--kept-multiple pads full-sequence plans; --stream plans chunk by chunk: drop one")
     return planner, gop
@@ -310,7 +318,7 @@ def _device(args) -> str:
     return args.device
 
 
-def prepare_session(args, video_path, *, motion: bool = False):
+def prepare_session(args, video_path, *, motion: bool = False, compile: bool = False):
     """Check the settings, load the model and prompt, estimate memory, decode ``video_path``."""
     from .editing import parse_bytes, prepare
 
@@ -320,7 +328,7 @@ def prepare_session(args, video_path, *, motion: bool = False):
         steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, device=_device(args), dtype=args.dtype,
         fps=args.fps, size=args.size, max_frames=args.max_frames,
         memory_limit=parse_bytes(args.memory_limit) if args.memory_limit else None, progress=not args.quiet,
-        motion=motion,
+        motion=motion, compile=compile,
     )
 
 
@@ -468,6 +476,10 @@ def add_compare(subparsers) -> None:
     )
     parser.add_argument("--list-planners", action="store_true", help="list registered planners and exit")
     parser.add_argument("--warmup", type=int, default=1, help="untimed unpruned runs first (default 1)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the transformer blocks (static shapes); a configuration whose kept count "
+                             "is new runs twice and is timed the second time (the first pays the compilation)")
+    add_kept_multiple_arg(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the JSON report here ('-' = stdout)")
     add_model_args(parser)
     add_recovery_args(parser, several=True)
@@ -512,6 +524,7 @@ def cmd_compare(args) -> int:
     _check_json_target(args.json, None)
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup} must be >= 0")
+    check_kept_multiple_arg(args)
     names, gops, params = _planner_list(args)
     recoveries = _split(args.recoveries, "--recoveries")
     for recovery in recoveries:
@@ -519,10 +532,13 @@ def cmd_compare(args) -> int:
     cfgs = configs(names, gops, recoveries, (args.restore,), params)
     results = []
     for video in args.videos:
-        session = prepare_session(args, video, motion="bitstream" in names)
-        results.append(compare_session(session, cfgs, warmup=args.warmup, progress=not args.quiet))
+        session = prepare_session(args, video, motion="bitstream" in names, compile=args.compile)
+        results.append(compare_session(session, cfgs, warmup=args.warmup, compiled=args.compile,
+                                       kept_multiple=args.kept_multiple, progress=not args.quiet))
     setup = {"model": args.model, "strength": args.strength, "steps": args.steps, "seed": args.seed,
-             "guidance": args.guidance_scale, "device": _device(args), "dtype": args.dtype}
+             "guidance": args.guidance_scale, "device": _device(args), "dtype": args.dtype,
+             **({"compile": True} if args.compile else {}),
+             **({"kept_multiple": args.kept_multiple} if args.kept_multiple else {})}
     write_report(out, results, setup, protect=args.videos, progress=not args.quiet)
     if not args.quiet and args.json != "-":
         from .report import table_rows

@@ -17,6 +17,7 @@ The folder (written to a temp folder next to it, renamed when complete)::
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -65,13 +66,26 @@ def configs(planners, gops=(None,), recoveries=("none",), restores=("copy",), pa
     return [Config(p, g, r, s, dict(params or {})) for p in planners for g in gops for r in recoveries for s in restores]
 
 
-def compare_session(session: Session, cfgs, *, warmup: int = 1, progress: bool = False) -> dict:
-    """Run the unpruned baseline (after ``warmup`` untimed runs) and each configuration."""
+def compare_session(session: Session, cfgs, *, warmup: int = 1, compiled: bool = False,
+                    kept_multiple: int | None = None, progress: bool = False) -> dict:
+    """Run the unpruned baseline (after ``warmup`` untimed runs) and each configuration.
+
+    ``kept_multiple`` pads every plan (:meth:`~lipcodec.Plan.padded`). ``compiled``: the
+    session's blocks are compiled with static shapes, so a run that meets a new sequence
+    length (or recovery processor) pays a compilation; a run during which dynamo compiled a
+    graph is repeated and the repeat is timed (``recompiled`` in its row)."""
     from tqdm.auto import tqdm
+
+    def timed(run):  # (the run, whether it had to be repeated because it compiled)
+        before = _compiled_graphs() if compiled else 0
+        result = run()
+        if compiled and _compiled_graphs() > before:
+            return run(), True
+        return result, False
 
     for _ in range(warmup):
         session.run_unpruned()
-    base = session.run_unpruned()
+    base, _ = timed(session.run_unpruned)
     frames = session.frames
     result = {
         "video": str(session.video.path) if session.video.path else "frames",
@@ -85,8 +99,9 @@ def compare_session(session: Session, cfgs, *, warmup: int = 1, progress: bool =
     }
     outputs = {"source": frames, "unpruned": to_uint8(base.pixels)}
     for cfg in tqdm(cfgs, desc="configurations", unit="run", disable=not progress, leave=False):
-        run = session.run(cfg.planner, gop=parse_gop(cfg.gop), recovery=cfg.recovery, restore=cfg.restore,
-                          desc=cfg.label, **cfg.params)
+        run, recompiled = timed(functools.partial(
+            session.run, cfg.planner, gop=parse_gop(cfg.gop), recovery=cfg.recovery, restore=cfg.restore,
+            desc=cfg.label, kept_multiple=kept_multiple, **cfg.params))
         fid = fidelity_of(base, run, reference_warp=result["unpruned"]["warp_error"])
         row = {
             "label": cfg.label, "planner": cfg.planner, "gop": gop_label(parse_gop(cfg.gop)),
@@ -94,6 +109,7 @@ def compare_session(session: Session, cfgs, *, warmup: int = 1, progress: bool =
             "kept_ratio": run.plan.kept_ratio, "kept_tokens": run.plan.num_kept, "tokens": run.plan.grid.size,
             "frame_types": run.plan.frame_types, "frame_kept": [float(v) for v in run.plan.frame_kept],
             "seconds": run.seconds, **{k: v for k, v in fid.items() if k not in ("unpruned_seconds", "unpruned_warp_error")},
+            **({"recompiled": recompiled} if compiled else {}),
         }
         for name in metrics.perceptual_metrics():
             row[name] = float(np.mean(metrics.perceptual(name, base.pixels, run.pixels)))
@@ -101,6 +117,13 @@ def compare_session(session: Session, cfgs, *, warmup: int = 1, progress: bool =
         outputs[cfg.label] = to_uint8(run.pixels)
     result["_outputs"] = outputs
     return result
+
+
+def _compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _mean_warp(frames) -> float:

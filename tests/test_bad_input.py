@@ -196,6 +196,8 @@ def test_compare_and_bench_reject_bad_lists(files, models, tmp_path, capsys):
     assert "keyint=x" in capsys.readouterr().err
     assert main(["compare", str(files["good"]), "-o", str(tmp_path / "no" / "r"), *base]) == 2
     assert "does not exist; create it first" in capsys.readouterr().err
+    assert main(["compare", str(files["good"]), "-o", str(tmp_path / "r"), "--kept-multiple", "0", *base]) == 2
+    assert "--kept-multiple 0 must be >= 1" in capsys.readouterr().err
     assert main(["bench", str(files["good"]), "--recoveries", "none,magic", *base]) == 2
     assert "unknown recovery 'magic'" in capsys.readouterr().err
     assert main(["bench", str(files["good"]), "--repeat", "0", *base]) == 2

@@ -90,6 +90,29 @@ def test_edit_compile_matches_eager(tmp_path, clip, model_dir, capsys):
     assert np.abs(frames[1] - frames[0]).max() <= 2  # lossless FFV1: pixel rounding only
 
 
+@pytest.mark.needs_cxx
+def test_compare_compile_times_compiled_steps_and_buckets_share_graphs(tmp_path, clip, model_dir, capsys):
+    """compare --compile: a run during which dynamo compiled is repeated, and the repeat is
+    what is timed; --kept-multiple pads every plan, so configurations in one bucket (same
+    recovery) reuse the graph and are not repeated."""
+    import torch
+
+    torch._dynamo.reset()
+    args = ["compare", str(clip), "-o", str(tmp_path / "r"), "--model", str(model_dir), "--planners", "lipar",
+            "--gops", "default", "keyint=2", "keyint=3", "--strength", "0.5", "--steps", "2", "--warmup", "0",
+            "--compile", "--kept-multiple", "32", "--json", "-", "-q"]
+    assert main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["setup"]["compile"] is True and data["setup"]["kept_multiple"] == 32
+    rows = data["videos"][0]["rows"]
+    assert all(r["kept_tokens"] % 32 == 0 and r["kept_tokens"] < r["tokens"] for r in rows), rows
+    seen = set()
+    for row in rows:  # a graph per kept count: the first row at a count compiled, later ones reuse it
+        assert row["recompiled"] == (row["kept_tokens"] not in seen), rows
+        seen.add(row["kept_tokens"])
+    assert len(seen) < len(rows)  # at least two configurations shared a bucket
+
+
 def test_compare_writes_the_report_folder(tmp_path, clip, model_dir):
     out = tmp_path / "report"
     run = run_cli("compare", clip, "-o", out, "--model", model_dir, "--planners", "intra,lipar", "--gops", "default",
@@ -108,6 +131,7 @@ def test_compare_writes_the_report_folder(tmp_path, clip, model_dir):
     assert lipar["frame_types"] == "IPIPI" and len(lipar["frame_kept"]) == 5 and len(lipar["frame_psnr"]) == 17
     for row in video["rows"]:
         assert row["speedup"] == pytest.approx(video["unpruned"]["seconds"] / row["seconds"])
+        assert "recompiled" not in row  # eager: nothing is repeated
         assert row["warp_error"] >= 0
     md = (out / "report.md").read_text()
     assert "| configuration | kept % | time s | speed-up | PSNR dB | SSIM | latent PSNR dB | warp error |" in md
