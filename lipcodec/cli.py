@@ -283,7 +283,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float, default=0.6, help="SDEdit strength in (0, 1] (default 0.6)")
     parser.add_argument("--steps", type=int, default=10, help="scheduler steps at strength 1 (default 10)")
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="classifier-free guidance (default: the model's; 5 for Wan pipelines, 1 = off for reference)")
+                        help="classifier-free guidance (default: the model's; 5 for Wan pipelines, 2 for reference; "
+                             "1 = off: half the cost)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", help="transformer dtype: float32, bfloat16, float16")
@@ -412,6 +413,9 @@ def cmd_edit(args) -> int:
     _check_json_target(args.json, args.video)
     planner, gop = build_planner(args)
     if args.stream:
+        if args.guidance_scale is not None:
+            raise UsageError("--guidance-scale: streaming runs without classifier-free guidance (Self-Forcing style, "
+                             "one pass per step); drop it")
         return _edit_stream(args, out, codec, planner, gop)
     result = edit(
         args.video, args.model, prompt=args.prompt, negative_prompt=args.negative_prompt,

@@ -22,7 +22,7 @@ a folder with model_index.json  ``DiffusionPipeline.from_pretrained(folder)``, l
                                 ``prompt_embeds.safetensors`` (for pipelines saved without a
                                 text encoder)
 ``"reference"``                 the embedded reference model (:mod:`lipcodec.models`; guidance
-                                defaults to 1: off)
+                                defaults to ``models.GUIDANCE`` = 2)
 a checkpoint file (.pt, .pth,   a Self-Forcing / CausVid streaming checkpoint: edited by
 .ckpt, .safetensors, .bin)      :func:`edit_stream` (``lipcodec edit --stream``) with a Wan VAE
 ==============================  ==========================================================
@@ -110,10 +110,10 @@ def load_model(model, *, device: str | None = None, dtype: torch.dtype | str | N
 def _load_path(model) -> Model:
     text = str(model)
     path = Path(model)
-    if text == "reference":  # trained without classifier-free guidance in mind: default 1 (off)
+    if text == "reference":
         from . import models
 
-        return Model(models.reference().pipeline(), "reference", guidance_scale=1.0)
+        return Model(models.reference().pipeline(), "reference", guidance_scale=models.GUIDANCE)
     if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
         raise EditError(
             f"{path} looks like a Self-Forcing/CausVid checkpoint, a chunk-causal model: edit with it by streaming "

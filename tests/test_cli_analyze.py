@@ -116,6 +116,9 @@ def test_kept_multiple_rounds_the_kept_count_up(tmp_path, capsys):
     assert kept % 128 == 0 and 0 < kept - round(plain["kept_ratio"] * tokens) < 128
     assert main(["edit", "--stream", "--kept-multiple", "128", "-o", str(tmp_path / "s.mp4")]) == 2
     assert "--kept-multiple pads full-sequence plans" in capsys.readouterr().err
+    assert main(["edit", "--stream", "--guidance-scale", "2", "-o", str(tmp_path / "s.mp4")]) == 2
+    assert "streaming runs without classifier-free guidance" in capsys.readouterr().err
+    assert not (tmp_path / "s.mp4").exists()
 
 
 def test_quiet_prints_nothing(clip, capsys):

@@ -81,7 +81,7 @@ def test_edit_takes_a_ready_plan_and_checks_its_grid(clip, embeds):
 
 def test_model_resolution_table(tmp_path, model_dir):
     embedded = load_model("reference")
-    assert embedded.source == "reference" and embedded.guidance_scale == 1.0
+    assert embedded.source == "reference" and embedded.guidance_scale == lipcodec.models.GUIDANCE == 2.0
     assert type(embedded.pipe.transformer).__name__ == "WanTransformer3DModel"
     ckpt = tmp_path / "self_forcing.pt"
     ckpt.write_bytes(b"\0" * 16)

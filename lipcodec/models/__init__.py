@@ -16,7 +16,7 @@ docs/model-card.md):
 >>> from lipcodec.video import read_video
 >>> model = models.reference()                                             # CPU, float32
 >>> frames = read_video(fixtures.bundled_clip(), size=(128, 224)).frames
->>> out = model.edit(frames, "grayscale", strength=0.5, steps=10, seed=0)  # (T, H, W, 3) uint8
+>>> out = model.edit(frames, "grayscale", strength=0.5, steps=10, seed=0)  # (T, H, W, 3) uint8, guidance 2
 >>> pipe = model.pipeline()       # what lipcodec.edit / lipcodec.apply take, like a diffusers pipeline
 """
 
@@ -33,6 +33,7 @@ from .autoencoder import VideoAutoencoder
 from .edits import VOCABULARY
 
 WEIGHTS = Path(__file__).parent / "weights" / "reference.safetensors"
+GUIDANCE = 2.0  # default classifier-free guidance of full-sequence edits (two passes per step; model card)
 TEXT_TOKENS = 4
 CONFIG = {
     "transformer": dict(
@@ -118,8 +119,9 @@ class Reference(nn.Module):
         return ReferencePipeline(self)
 
     def edit(self, frames, word: str, *, strength: float = 0.5, steps: int = 10, seed: int = 0,
-             guidance_scale: float = 1.0) -> np.ndarray:
-        """SDEdit ``frames`` (T, H, W, 3) uint8 with ``word``; returns uint8 frames."""
+             guidance_scale: float = GUIDANCE) -> np.ndarray:
+        """SDEdit ``frames`` (T, H, W, 3) uint8 with ``word``; returns uint8 frames
+        (``guidance_scale`` 1 = no classifier-free guidance: half the cost, weaker edits)."""
         latents = self.pipeline()(video=frames, prompt=word, num_inference_steps=steps, strength=strength,
                                   guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),
                                   output_type="latent").frames

