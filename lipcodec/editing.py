@@ -1097,7 +1097,8 @@ def edit_stream(
     device = resolve_device("cpu" if device is None else device)
     dtype = resolve_dtype("float32" if dtype is None else dtype)
     if not isinstance(video, Video):
-        video = read_video(video, fps=fps, size=size, max_frames=max_frames, fit="wan", progress=progress)
+        video = read_video(video, fps=fps, size=size, max_frames=max_frames, fit="wan", progress=progress,
+                           motion=_wants_motion(planner))
     if str(model) == "reference":
         from . import models
 
@@ -1139,7 +1140,8 @@ def edit_stream(
     config = StreamConfig(timesteps=timesteps, shift=shift, recovery=recovery, first_chunk=first_chunk, seed=seed)
 
     def stream(plan_with):
-        runner = StreamRunner(transformer, embeds, config, planner=plan_with, gop=gop, compile=compile, **plan_kwargs)
+        runner = StreamRunner(transformer, embeds, config, planner=plan_with, gop=gop, compile=compile,
+                              motion=video.motion, **plan_kwargs)
         chunks = list(runner.run([latents]))
         return torch.cat([c.latents for c in chunks], 2), chunks
 

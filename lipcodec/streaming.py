@@ -48,6 +48,7 @@ from einops import rearrange
 from .attention import RECOVERY_MODES, KeyRuns, multiplicity_order, proportional_attention, rotate
 from .gop import GOP
 from .plan import Grid
+from .planners import MotionField
 from .planners import get as get_planner
 from .planners import plan as make_plan
 from .planners.reference import ReferencePlanner
@@ -323,11 +324,16 @@ class StreamRunner:
             feed-forward) with dynamic shapes, so kept counts that change from chunk to
             chunk reuse one compiled graph; the cache writes and self-attention stay eager.
             Results match eager to rounding, not bit for bit.
+        motion: the source's codec motion vectors (``read_video(path, motion=True).motion``,
+            pixel frame 0 = the stream's first frame), for the ``bitstream`` planner: each
+            chunk's planner gets the part of the field its plan context covers.
     """
 
     def __init__(self, model, prompt_embeds: torch.Tensor, config: StreamConfig | None = None, *,
-                 planner="intra", gop: GOP | str | None = None, compile: bool = False, **plan_kwargs):
+                 planner="intra", gop: GOP | str | None = None, compile: bool = False,
+                 motion: MotionField | None = None, **plan_kwargs):
         self.model = model
+        self.motion = motion
         self._block_in, self._block_out = (
             (torch.compile(_block_in, dynamic=True), torch.compile(_block_out, dynamic=True)) if compile
             else (_block_in, _block_out)
@@ -681,6 +687,10 @@ class StreamRunner:
         kwargs = self.plan_kwargs
         if self._chunk_budget:  # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
             kwargs = {"budget_frames": s, "search_from": self._threshold_scale, **kwargs}
+        if self.motion is not None:  # the field from the context's first frame: latent frame f = pixel frame 4f
+            first = self._hist_start * 4
+            kwargs = {**kwargs, "motion": attrs.evolve(self.motion, vectors=self.motion.vectors[first:],
+                                                       picture_types=self.motion.picture_types[first:])}
         plan = make_plan(context, self.planner, gop=self.gop, patch_size=self.patch, **kwargs)
         self._threshold_scale = plan.meta.get("threshold_scale", self._threshold_scale)
         base = self._hist_start * self.tpf

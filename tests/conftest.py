@@ -1,12 +1,15 @@
-"""Shared test markers.
+"""Shared test markers and fixtures.
 
 ``@pytest.mark.needs_cxx``: the test runs ``torch.compile`` on the CPU, which builds C++;
 without a compiler it is skipped with the fix in the reason.
+``repo_script``: loads one of the repository's scripts (benchmarks/, scripts/) as a module.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +25,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "needs_cxx" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def repo_script():
+    """``repo_script("benchmarks/gpu_suite.py")``: that script as a module (not installed with the package)."""
+
+    def load(relative: str):
+        path = Path(__file__).resolve().parents[1] / relative
+        spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -497,15 +497,10 @@ def test_lazy_exports():
     assert lipcodec.apply is apply and lipcodec.remove is remove
 
 
-def test_speed_benchmark_smoke(tmp_path):
-    import importlib.util
+def test_speed_benchmark_smoke(tmp_path, repo_script):
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "executor_speed.py"
-    spec = importlib.util.spec_from_file_location("executor_speed", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = repo_script("benchmarks/executor_speed.py")
     out = tmp_path / "speed.json"
     bench.main(["--tiny", "--kept", "0.5", "--reps", "1", "--warmup", "0", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
@@ -513,17 +508,12 @@ def test_speed_benchmark_smoke(tmp_path):
     assert all(r["ms"] > 0 for r in rows)
 
 
-def test_gpu_suite_smoke(tmp_path):
+def test_gpu_suite_smoke(tmp_path, repo_script):
     """benchmarks/gpu_suite.py on tiny configs: every section runs and the table holds
     together (a ceiling per plan, Pearson r over the plans, compiled rows equal eager)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "gpu_suite.py"
-    spec = importlib.util.spec_from_file_location("gpu_suite", path)
-    suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(suite)
+    suite = repo_script("benchmarks/gpu_suite.py")
     out = tmp_path / "suite.json"
     modes = ["none", "proportional", "duplicate"]
     suite.main(["--tiny", "--budgets", "0.8", "0.5", "--modes", *modes, "--reps", "1", "--warmup", "0", "--out", str(out)])
@@ -538,17 +528,12 @@ def test_gpu_suite_smoke(tmp_path):
 
 
 @pytest.mark.needs_cxx
-def test_gpu_suite_buckets_share_compiled_graphs(tmp_path):
+def test_gpu_suite_buckets_share_compiled_graphs(tmp_path, repo_script):
     """benchmarks/gpu_suite.py --sections buckets (tiny, CPU inductor): unpadded, every
     distinct kept count compiles the blocks; with a multiple, plans in one bucket reuse its graph."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "gpu_suite.py"
-    spec = importlib.util.spec_from_file_location("gpu_suite", path)
-    suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(suite)
+    suite = repo_script("benchmarks/gpu_suite.py")
     out = tmp_path / "buckets.json"
     suite.main(["--tiny", "--sections", "buckets", "--multiples", "0", "32", "--edit-steps", "2", "--out", str(out)])
     result = json.loads(out.read_text())["buckets"]["multiples"]

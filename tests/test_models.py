@@ -111,21 +111,10 @@ def test_streaming_chunk_causal(model, clip):
                                                                   max_frames=25, progress=False).frames))
 
 
-def _training_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "train_reference.py"
-    spec = importlib.util.spec_from_file_location("train_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_training_anchor_needs_an_encoder_to_hold(tmp_path):
+def test_training_anchor_needs_an_encoder_to_hold(tmp_path, repo_script):
     """--anchor penalises drift from the *resumed* encoder: without one it is refused before
     any work, naming the fix."""
-    script = _training_script()
+    script = repo_script("scripts/train_reference.py")
     for argv in (["--stage", "ae", "--anchor", "1"],
                  ["--stage", "decoder", "--anchor", "1", "--resume", str(models.WEIGHTS)]):
         with pytest.raises(SystemExit, match="--anchor 1.0 holds a resumed encoder's latents: it needs --resume"):
@@ -133,9 +122,9 @@ def test_training_anchor_needs_an_encoder_to_hold(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_training_word_weights():
+def test_training_word_weights(repo_script):
     """--word-weights: named words get their weight, the rest 1; bad input names the fix."""
-    script = _training_script()
+    script = repo_script("scripts/train_reference.py")
     vocab = models.VOCABULARY
     weights = script.parse_word_weights("negative=3,grayscale=0.5", vocab)
     expected = torch.ones(len(vocab))
@@ -182,3 +171,15 @@ def test_evaluate_contact_sheet_shows_each_edit(model, clip):
     floor = gray_round_trip(model, {"a": short})["a"]
     assert 0 <= floor["levels"] < floor["source_levels"] and floor["ratio"] == pytest.approx(
         floor["levels"] / floor["source_levels"], abs=2e-3)
+
+
+def test_edit_stream_plans_with_the_codec_motion_vectors():
+    """``edit_stream(planner="bitstream")`` reads the clip's motion vectors and hands each
+    chunk's planner its part (it stopped with an internal error before)."""
+    from lipcodec.editing import edit_stream
+
+    run = edit_stream(fixtures.bundled_clip(), "reference", prompt="sepia", planner="bitstream", size=(64, 112),
+                      max_frames=25, target_kept=0.6, reference=True)
+    assert 0.6 < run.kept_ratio < 0.9  # chunk 0 in full, the other chunks at about 60%
+    assert run.fidelity["psnr"] > 20 and run.frames.shape == (25, 64, 112, 3)
+

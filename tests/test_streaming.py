@@ -523,6 +523,36 @@ def test_lipar_planner_streams_with_bounded_history(model):
     assert torch.isfinite(cat(chunks)).all()
 
 
+def test_bitstream_planner_gets_the_motion_its_context_covers(model, monkeypatch):
+    """Codec motion vectors in streaming: each chunk's planner sees the field from its plan
+    context's first frame on (latent frame f = pixel frame 4f), so its frame 0 is the context's."""
+    import numpy as np
+
+    from lipcodec import streaming
+    from lipcodec.planners import MotionField
+
+    x, text = video(12)
+    frames = 4 * 12 - 3
+    vectors = np.zeros((frames, 4, 4, 2), np.float32)
+    vectors[..., 0] = np.arange(frames)[:, None, None]  # dy = the pixel frame's index: tells which frame it is
+    motion = MotionField(vectors, block=16, frame_size=(64, 64), picture_types="I" + "P" * (frames - 1))
+    seen, real = [], streaming.make_plan
+
+    def spy(context, *args, **kwargs):
+        field = kwargs["motion"]
+        seen.append((runner._hist_start, float(field.vectors[0, 0, 0, 0]), len(field.vectors), len(field.picture_types)))
+        return real(context, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "make_plan", spy)
+    runner = StreamRunner(model, text, StreamConfig(chunk=3, plan_context=6), planner="bitstream", motion=motion)
+    chunks = runner.push(x)
+    assert len(chunks) == 4 and len(seen) == 3  # chunk 0 is computed in full, unplanned
+    for start, first, n, types in seen:
+        assert first == 4 * start and n == types == frames - 4 * start
+    assert [start for start, *_ in seen] == [0, 3, 6]  # the context slid
+    assert torch.isfinite(cat(chunks)).all()
+
+
 def test_proportional_multiplicities(model):
     """c_j per key row: 1 + the reused tokens of the cached frames and the chunk that copy it;
     each pass orders the key rows in runs of equal multiplicity (attention.multiplicity_order)."""
@@ -591,17 +621,12 @@ def test_plan_ahead_changes_when_planning_happens_not_the_stream(model, device):
     assert torch.equal(cat(one_by_one), cat(on))
 
 
-def test_streaming_benchmark_smoke(tmp_path):
+def test_streaming_benchmark_smoke(tmp_path, repo_script):
     """benchmarks/streaming.py --tiny: every row runs, the unpruned row is the reference,
     pruned rows keep fewer tokens and plan ahead (but the in-place row), repeats are kept."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "streaming.py"
-    spec = importlib.util.spec_from_file_location("streaming_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = repo_script("benchmarks/streaming.py")
     out = tmp_path / "streaming.json"
     bench.main(["--tiny", "--frames", "6", "--modes", "none", "clean", "--repeats", "2", "--out", str(out)])
     result = json.loads(out.read_text())

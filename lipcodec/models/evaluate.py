@@ -128,7 +128,7 @@ def fidelity(model, path, size, planners=("lipar", "motion", "bitstream"),
     return rows
 
 
-def streaming_fidelity(path, size, planners=("lipar", "motion"),
+def streaming_fidelity(path, size, planners=("lipar", "motion", "bitstream"),
                        recoveries=("none", "proportional", "duplicate", "clean"), kept=(0.8, 0.68, 0.5),
                        word="sepia", strength=0.5, steps=4) -> list[dict]:
     """The same comparison for chunk-causal streaming (``lipcodec.edit_stream``): pruned
@@ -137,7 +137,7 @@ def streaming_fidelity(path, size, planners=("lipar", "motion"),
     from ..editing import edit_stream
     from ..video import read_video
 
-    video = read_video(str(path), size=size, max_frames=33, fit="wan", progress=False)
+    video = read_video(str(path), size=size, max_frames=33, fit="wan", progress=False, motion=True)
     rows = []
     for planner in planners:
         for target in kept:
