@@ -481,8 +481,8 @@ def add_compare(subparsers) -> None:
     parser.add_argument("--list-planners", action="store_true", help="list registered planners and exit")
     parser.add_argument("--warmup", type=int, default=1, help="untimed unpruned runs first (default 1)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the transformer blocks (static shapes); a configuration whose kept count "
-                             "is new runs twice and is timed the second time (the first pays the compilation)")
+                        help="torch.compile the transformer blocks (static shapes); a run that compiled (a new kept "
+                             "count or recovery mode) runs twice and is timed the second time")
     add_kept_multiple_arg(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the JSON report here ('-' = stdout)")
     add_model_args(parser)
