@@ -34,7 +34,7 @@ def reused_share(plan, frames=slice(1, None)):
 def test_motion_finds_exact_references_on_a_one_token_pan():
     plan = lipcodec.plan(panning_latents()[None], "motion")
     grid = plan.grid
-    t, rows, cols = (torch.arange(grid.size) // grid.tokens_per_frame, *grid.position(torch.arange(grid.size))[1:])
+    t, _, cols = (torch.arange(grid.size) // grid.tokens_per_frame, *grid.position(torch.arange(grid.size))[1:])
     # every reused token points at the same content: `frames back` tokens to the right
     reused = ~plan.computed
     assert reused.float().mean() > 0.7
