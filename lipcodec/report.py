@@ -73,15 +73,18 @@ def compare_session(session: Session, cfgs, *, warmup: int = 1, compiled: bool =
     ``kept_multiple`` pads every plan (:meth:`~lipcodec.Plan.padded`). ``compiled``: the
     session's blocks are compiled with static shapes, so a run that meets a new sequence
     length (or recovery processor) pays a compilation; a run during which dynamo compiled a
-    graph is repeated and the repeat is timed (``recompiled`` in its row)."""
+    graph is repeated and the repeat is timed (``recompiled`` in its row), and dynamo's
+    recompile limit is raised to a graph per configuration for the comparison (past it the
+    blocks would run eagerly and the later rows time eager steps)."""
     from tqdm.auto import tqdm
 
     def timed(run):  # (the run, whether it had to be repeated because it compiled)
-        before = _compiled_graphs() if compiled else 0
-        result = run()
-        if compiled and _compiled_graphs() > before:
-            return run(), True
-        return result, False
+        if not compiled:
+            return run(), False
+        before = _compiled_graphs()
+        with _room_to_recompile(len(cfgs) + 1):
+            result = run()
+        return (run(), True) if _compiled_graphs() > before else (result, False)
 
     for _ in range(warmup):
         session.run_unpruned()
@@ -117,6 +120,14 @@ def compare_session(session: Session, cfgs, *, warmup: int = 1, compiled: bool =
         outputs[cfg.label] = to_uint8(run.pixels)
     result["_outputs"] = outputs
     return result
+
+
+def _room_to_recompile(graphs: int):
+    """dynamo's recompile limit (per code object) raised to at least ``graphs``, for a block."""
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    return dynamo.patch(**{name: max(getattr(dynamo, name), graphs)})
 
 
 def _compiled_graphs() -> int:

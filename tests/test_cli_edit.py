@@ -94,14 +94,16 @@ def test_edit_compile_matches_eager(tmp_path, clip, model_dir, capsys):
 def test_compare_compile_times_compiled_steps_and_buckets_share_graphs(tmp_path, clip, model_dir, capsys):
     """compare --compile: a run during which dynamo compiled is repeated, and the repeat is
     what is timed; --kept-multiple pads every plan, so configurations in one bucket (same
-    recovery) reuse the graph and are not repeated."""
+    recovery) reuse the graph and are not repeated. dynamo's recompile limit is raised for
+    the comparison: with it at 1, every new count would otherwise run eagerly, uncompiled."""
     import torch
 
     torch._dynamo.reset()
     args = ["compare", str(clip), "-o", str(tmp_path / "r"), "--model", str(model_dir), "--planners", "lipar",
             "--gops", "default", "keyint=2", "keyint=3", "--strength", "0.5", "--steps", "2", "--warmup", "0",
             "--compile", "--kept-multiple", "32", "--json", "-", "-q"]
-    assert main(args) == 0
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert main(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["setup"]["compile"] is True and data["setup"]["kept_multiple"] == 32
     rows = data["videos"][0]["rows"]
