@@ -11,12 +11,13 @@ speed-up of the median against the unpatched pipeline's median.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
 import torch
 
-from .editing import Session, build_planner, cached_encode, check_modes, parse_gop
+from .editing import Session, build_planner, cached_encode, check_modes, parse_gop, room_to_recompile
 
 
 def _time_once(session: Session) -> float:
@@ -45,8 +46,13 @@ def _time_once(session: Session) -> float:
 
 
 def bench(session: Session, planners, recoveries=("none",), *, gop=None, restore: str = "copy",
-          repeat: int = 3, warmup: int = 1, params: dict | None = None, progress: bool = False) -> list[dict]:
-    """Rows of {label, planner, recovery, kept_ratio, median_s, min_s, max_s, speedup, times}."""
+          repeat: int = 3, warmup: int = 1, params: dict | None = None, compiled: bool = False,
+          kept_multiple: int | None = None, progress: bool = False) -> list[dict]:
+    """Rows of {label, planner, recovery, kept_ratio, median_s, min_s, max_s, speedup, times}.
+
+    ``kept_multiple`` pads every plan (:meth:`~lipcodec.Plan.padded`). ``compiled``: the
+    session's blocks are compiled with static shapes; every row then warms up at least once
+    (its compilation), with dynamo's recompile limit raised to a graph per row."""
     from tqdm.auto import tqdm
 
     from . import apply, remove
@@ -57,21 +63,25 @@ def bench(session: Session, planners, recoveries=("none",), *, gop=None, restore
         check_modes(recovery, restore)
     gop = parse_gop(gop)
     old = dict(getattr(session.pipe, "_progress_bar_config", {}))
+    stack = contextlib.ExitStack()
     session.pipe.set_progress_bar_config(disable=True)
     if not session.encode_cache:  # one untimed run fills the encoding cache: no row pays for the VAE
         _time_once(session)
     jobs = [("unpatched", None, "none")] + [(f"{p} {r}", p, r) for p in planners for r in recoveries]
     rows = []
     try:
+        if compiled:
+            stack.enter_context(room_to_recompile(len(jobs)))
         for label, planner, recovery in tqdm(jobs, desc="bench", unit="row", disable=not progress, leave=False):
             remove(session.pipe)
             codec = None
             if planner is not None:
                 built = build_planner(planner, params)
                 codec = apply(session.pipe, built, recovery=recovery, restore=restore, gop=gop,
-                              seed=session.settings["seed"], frames=session.frames, motion=session.video.motion)
+                              seed=session.settings["seed"], frames=session.frames, motion=session.video.motion,
+                              kept_multiple=kept_multiple)
             try:
-                for _ in range(max(warmup, 1 if codec is not None else 0)):
+                for _ in range(max(warmup, 1 if codec is not None or compiled else 0)):
                     _time_once(session)
                 if codec is not None:  # fix the plan: timed runs do not replan
                     plan = codec.plan
@@ -86,6 +96,7 @@ def bench(session: Session, planners, recoveries=("none",), *, gop=None, restore
                          "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
                          "times": times})
     finally:
+        stack.close()
         session.pipe._progress_bar_config = old
     base = rows[0]["median_s"]
     for row in rows:

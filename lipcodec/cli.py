@@ -579,6 +579,9 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per row first (default 1)")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON ('-' = stdout)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the transformer blocks (static shapes); every row warms up (compiles) first")
+    add_kept_multiple_arg(parser)
     add_model_args(parser)
     add_recovery_args(parser, several=True)
     parser.set_defaults(func=cmd_bench, gops=None)
@@ -591,21 +594,22 @@ def cmd_bench(args) -> int:
     _check_json_target(args.json, args.video)
     if args.repeat < 1 or args.warmup < 0:
         raise UsageError(f"--repeat {args.repeat} must be >= 1 and --warmup {args.warmup} >= 0")
+    check_kept_multiple_arg(args)
     names, _, params = _planner_list(args)
     recoveries = _split(args.recoveries, "--recoveries")
     for recovery in recoveries:
         check_modes(recovery, args.restore)
     gop = parse_gop(args.gop)
-    session = prepare_session(args, args.video, motion="bitstream" in names)
+    session = prepare_session(args, args.video, motion="bitstream" in names, compile=args.compile)
     rows = bench(session, names, recoveries, gop=gop, restore=args.restore, repeat=args.repeat, warmup=args.warmup,
-                 params=params, progress=not args.quiet)
+                 params=params, compiled=args.compile, kept_multiple=args.kept_multiple, progress=not args.quiet)
     device = str(session.device)
     if not args.quiet and args.json != "-":
         print(table(rows, device))
     n, h, w = session.frames.shape[:3]
     write_json(args.json, {"device": device, "frames": n, "size": [h, w], "model": args.model,
                            "steps": args.steps, "strength": args.strength, "gop": str(gop) if gop else "default",
-                           "rows": rows})
+                           "compile": args.compile, "kept_multiple": args.kept_multiple, "rows": rows})
     return 0
 
 

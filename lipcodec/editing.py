@@ -945,6 +945,16 @@ def prepare(
     return Session(resolved, video, text, settings, est)
 
 
+def room_to_recompile(graphs: int):
+    """A context in which dynamo's recompile limit (per code object, default 8) is at least
+    ``graphs``: for runs over blocks compiled with static shapes that meet several kept
+    counts, which past the limit would run eagerly (one logged warning) and be timed so."""
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    return dynamo.patch(**{name: max(getattr(dynamo, name), graphs)})
+
+
 def fidelity_of(reference: Run, run: Run, *, reference_warp: float | None = None) -> dict:
     """Pruned vs unpruned: PSNR (MSE pooled over frames, :func:`metrics.pooled_psnr`) and mean
     SSIM, per-frame PSNR/SSIM (pixels in [0, 1]), latent PSNR/MSE, warp error of both

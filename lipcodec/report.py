@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import metrics
 from .atomic import publish
-from .editing import Session, fidelity_of, gop_label, parse_gop, to_uint8
+from .editing import Session, fidelity_of, gop_label, parse_gop, room_to_recompile, to_uint8
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -82,7 +82,7 @@ def compare_session(session: Session, cfgs, *, warmup: int = 1, compiled: bool =
         if not compiled:
             return run(), False
         before = _compiled_graphs()
-        with _room_to_recompile(len(cfgs) + 1):
+        with room_to_recompile(len(cfgs) + 1):
             result = run()
         return (run(), True) if _compiled_graphs() > before else (result, False)
 
@@ -120,14 +120,6 @@ def compare_session(session: Session, cfgs, *, warmup: int = 1, compiled: bool =
         outputs[cfg.label] = to_uint8(run.pixels)
     result["_outputs"] = outputs
     return result
-
-
-def _room_to_recompile(graphs: int):
-    """dynamo's recompile limit (per code object) raised to at least ``graphs``, for a block."""
-    import torch._dynamo.config as dynamo
-
-    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    return dynamo.patch(**{name: max(getattr(dynamo, name), graphs)})
 
 
 def _compiled_graphs() -> int:

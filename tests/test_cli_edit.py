@@ -158,6 +158,28 @@ def test_bench_prints_a_timing_table(clip, model_dir):
     assert data["rows"][0]["speedup"] == 1.0 and data["rows"][1]["kept_ratio"] == 1.0
 
 
+@pytest.mark.needs_cxx
+def test_bench_compile_pads_and_compiles_every_row(clip, model_dir, capsys):
+    """bench --compile --kept-multiple: plans padded to the multiple; each row's length is
+    compiled during its warm-up (the block at each length, and once the wrapper of
+    lipcodec's hooks), even with dynamo's recompile limit at 1, which bench raises to a
+    graph per row."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert main(["bench", str(clip), "--model", str(model_dir), "--planners", "lipar", "--repeat", "1",
+                     "--warmup", "0", "--steps", "2", "--strength", "0.5", "--compile", "--kept-multiple", "32",
+                     "--json", "-", "-q"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["compile"] is True and data["kept_multiple"] == 32
+    lipar = data["rows"][1]
+    assert round(lipar["kept_ratio"] * 80) % 32 == 0 and lipar["kept_ratio"] < 1  # 80 tokens in all
+    assert counters["stats"]["unique_graphs"] - before == 3  # the block at both lengths, plus the hook wrapper
+
+
 # -- atomic writes: a kill mid-write leaves no output -------------------------------------------
 SLOW_WRITER = """
 import signal, sys, time
