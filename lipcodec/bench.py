@@ -63,41 +63,38 @@ def bench(session: Session, planners, recoveries=("none",), *, gop=None, restore
         check_modes(recovery, restore)
     gop = parse_gop(gop)
     old = dict(getattr(session.pipe, "_progress_bar_config", {}))
-    stack = contextlib.ExitStack()
     session.pipe.set_progress_bar_config(disable=True)
     if not session.encode_cache:  # one untimed run fills the encoding cache: no row pays for the VAE
         _time_once(session)
     jobs = [("unpatched", None, "none")] + [(f"{p} {r}", p, r) for p in planners for r in recoveries]
     rows = []
-    try:
-        if compiled:
-            stack.enter_context(room_to_recompile(len(jobs)))
-        for label, planner, recovery in tqdm(jobs, desc="bench", unit="row", disable=not progress, leave=False):
-            remove(session.pipe)
-            codec = None
-            if planner is not None:
-                built = build_planner(planner, params)
-                codec = apply(session.pipe, built, recovery=recovery, restore=restore, gop=gop,
-                              seed=session.settings["seed"], frames=session.frames, motion=session.video.motion,
-                              kept_multiple=kept_multiple)
-            try:
-                for _ in range(max(warmup, 1 if codec is not None or compiled else 0)):
-                    _time_once(session)
-                if codec is not None:  # fix the plan: timed runs do not replan
-                    plan = codec.plan
-                    codec.remove()
-                    codec = apply(session.pipe, plan, recovery=recovery, restore=restore)
-                times = [_time_once(session) for _ in range(repeat)]
-                kept = codec.plan.kept_ratio if codec is not None else 1.0
-            finally:
-                if codec is not None:
-                    codec.remove()
-            rows.append({"label": label, "planner": planner or "-", "recovery": recovery, "kept_ratio": kept,
-                         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-                         "times": times})
-    finally:
-        stack.close()
-        session.pipe._progress_bar_config = old
+    with room_to_recompile(len(jobs)) if compiled else contextlib.nullcontext():
+        try:
+            for label, planner, recovery in tqdm(jobs, desc="bench", unit="row", disable=not progress, leave=False):
+                remove(session.pipe)
+                codec = None
+                if planner is not None:
+                    built = build_planner(planner, params)
+                    codec = apply(session.pipe, built, recovery=recovery, restore=restore, gop=gop,
+                                  seed=session.settings["seed"], frames=session.frames, motion=session.video.motion,
+                                  kept_multiple=kept_multiple)
+                try:
+                    for _ in range(max(warmup, 1 if codec is not None or compiled else 0)):
+                        _time_once(session)
+                    if codec is not None:  # fix the plan: timed runs do not replan
+                        plan = codec.plan
+                        codec.remove()
+                        codec = apply(session.pipe, plan, recovery=recovery, restore=restore)
+                    times = [_time_once(session) for _ in range(repeat)]
+                    kept = codec.plan.kept_ratio if codec is not None else 1.0
+                finally:
+                    if codec is not None:
+                        codec.remove()
+                rows.append({"label": label, "planner": planner or "-", "recovery": recovery, "kept_ratio": kept,
+                             "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+                             "times": times})
+        finally:
+            session.pipe._progress_bar_config = old
     base = rows[0]["median_s"]
     for row in rows:
         row["speedup"] = base / row["median_s"] if row["median_s"] > 0 else float("nan")
