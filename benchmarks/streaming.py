@@ -23,6 +23,11 @@ Rows: ``unpruned`` (window 6), ``unpruned full cache`` (every frame kept in the 
 Self-Forcing's baseline), then the lipar planner at ``--target-kept`` (default 0.68 =
 ~32% reuse) with recovery none / proportional / duplicate (noisy) / clean (noise-aware),
 and ``none`` once more with ``plan_ahead=False`` (each chunk planned when it starts).
+``--ceiling [KEPT ...]`` adds the streaming ceiling: the unpruned stream of the same clip
+cropped to about KEPT of each frame's token columns (default ``--target-kept``) - what a
+chunk costs when it holds only that many tokens and no pruning logic runs, the
+shortened-sequence ceiling of streaming; with two or more, the Pearson r of chunk latency
+against the token share (the unpruned row included).
 ``--compile``: every row, the unpruned ones too, with ``StreamRunner(compile=True)``
 (the blocks' dense parts compiled with dynamic shapes; the untimed first stream of each
 row pays the compilation).
@@ -88,11 +93,16 @@ def main(argv=None):
     parser.add_argument("--first-chunk", default="full", choices=("full", "prune"))
     parser.add_argument("--repeats", type=int, default=3, help="timed streams per row; the median is reported")
     parser.add_argument("--compile", action="store_true", help="every row with StreamRunner(compile=True)")
+    parser.add_argument("--ceiling", type=float, nargs="*", default=None, metavar="KEPT",
+                        help="add unpruned rows on frames cropped to about KEPT of the tokens (default: --target-kept)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (tiny default 1: tiny ops)")
     parser.add_argument("--out", required=True, help="JSON results path")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: at least 1 timed stream per row is needed")
+    ceilings = [args.target_kept] if args.ceiling == [] else args.ceiling or []
+    if any(not 0 < k <= 1 for k in ceilings):
+        parser.error(f"--ceiling {ceilings}: token shares must be in (0, 1]")
     if args.threads or args.tiny:
         torch.set_num_threads(args.threads or 1)
 
@@ -111,13 +121,13 @@ def main(argv=None):
     base = StreamConfig.editing(first_chunk=args.first_chunk)
     print(f"latents {tuple(source.shape)}, {frames * 4} output pixel frames, device {device} {dtype}", flush=True)
 
-    def timed(config, **plan_kwargs):
+    def timed(config, clip=source, **plan_kwargs):
         """Each configuration streams the clip once untimed (every new sequence length pays
         one-time kernel setup, e.g. a cuDNN execution plan, and --compile the compilation),
         then ``--repeats`` times; the run of median wall time is reported, with every run's
         end-to-end FPS beside it (timings of host-bound rows scatter from run to run)."""
-        stream(model, source, text, config, args.compile, **plan_kwargs)
-        runs = [stream(model, source, text, config, args.compile, **plan_kwargs) for _ in range(args.repeats)]
+        stream(model, clip, text, config, args.compile, **plan_kwargs)
+        runs = [stream(model, clip, text, config, args.compile, **plan_kwargs) for _ in range(args.repeats)]
         walls = [sum(c.seconds for c in chunks) for _, chunks, _ in runs]
         latents, chunks, _ = runs[int(np.argsort(walls)[len(walls) // 2])]
         return latents, chunks, max(peak for _, _, peak in runs), [frames * 4 / w for w in walls]
@@ -125,29 +135,33 @@ def main(argv=None):
     reference, chunks, peak, fps_runs = timed(base)
     rows = []
 
-    def record(name, latents, chunks, peak, fps_runs, recovery=None):
+    def record(name, latents, chunks, peak, fps_runs, recovery=None, reference=reference, kept=None):
         plan = sum(c.plan_seconds for c in chunks)
         exposed = sum(c.plan_seconds for c in chunks if not c.planned_ahead)  # inside the chunks' own seconds
         seconds = sum(c.seconds for c in chunks) - exposed
-        kept = float(np.mean([c.kept_ratio for c in chunks]))
-        err = float((latents - reference).norm() / reference.norm())
-        computed = torch.cat([c.source == torch.arange(c.start * c.tokens // len(c.frames), c.start * c.tokens // len(c.frames)
-                                                       + c.tokens) for c in chunks])  # (F*h*w,) per token
-        tok_out, tok_ref = (rearrange(t, "b c f (h ph) (w pw) -> b (f h w) (ph pw c)", ph=2, pw=2)[:, computed]
-                            for t in (latents.float().cpu(), reference.float().cpu()))
-        row = {
-            "name": name, "recovery": recovery, "kept": kept, "err_vs_unpruned": err,
-            "err_kept": float((tok_out - tok_ref).norm() / tok_ref.norm()),
-            "psnr_vs_unpruned": latent_psnr(reference, latents), "seconds": seconds,
-            "fps": frames * 4 / seconds, "fps_with_plan": frames * 4 / (seconds + exposed),
+        kept = float(np.mean([c.kept_ratio for c in chunks])) if kept is None else kept
+        row = {"name": name, "recovery": recovery, "kept": kept, "err_vs_unpruned": None, "err_kept": None,
+               "psnr_vs_unpruned": None}
+        if reference is not None:  # None: a ceiling row, another frame size
+            computed = torch.cat([c.source == torch.arange(c.start * c.tokens // len(c.frames),
+                                                           c.start * c.tokens // len(c.frames) + c.tokens)
+                                  for c in chunks])  # (F*h*w,) per token
+            tok_out, tok_ref = (rearrange(t, "b c f (h ph) (w pw) -> b (f h w) (ph pw c)", ph=2, pw=2)[:, computed]
+                                for t in (latents.float().cpu(), reference.float().cpu()))
+            row.update(err_vs_unpruned=float((latents - reference).norm() / reference.norm()),
+                       err_kept=float((tok_out - tok_ref).norm() / tok_ref.norm()),
+                       psnr_vs_unpruned=latent_psnr(reference, latents))
+        row.update({
+            "seconds": seconds, "fps": frames * 4 / seconds, "fps_with_plan": frames * 4 / (seconds + exposed),
             "chunk_ms": 1e3 * float(np.mean([c.seconds - (0 if c.planned_ahead else c.plan_seconds)
                                              for c in chunks[1:]] or [seconds])),
             "plan_ms": 1e3 * plan / len(chunks), "planned_ahead": sum(c.planned_ahead for c in chunks),
             "peak_gib": peak, "fps_with_plan_runs": fps_runs,
-        }
+        })
         rows.append(row)
-        print(f"  {name:<28} kept {kept:5.3f}  err {err:7.4f}  err_kept {row['err_kept']:7.4f}  "
-              f"psnr {row['psnr_vs_unpruned']:6.2f} dB  {row['fps']:8.2f} fps ({row['fps_with_plan']:7.2f} w/ plan)  "
+        quality = ("" if reference is None else f"err {row['err_vs_unpruned']:7.4f}  err_kept {row['err_kept']:7.4f}  "
+                   f"psnr {row['psnr_vs_unpruned']:6.2f} dB")
+        print(f"  {name:<28} kept {kept:5.3f}  {quality:<45} {row['fps']:8.2f} fps ({row['fps_with_plan']:7.2f} w/ plan)  "
               f"chunk {row['chunk_ms']:7.1f} ms  plan {row['plan_ms']:6.1f} ms  peak {peak:6.2f} GiB  "
               f"(runs {min(fps_runs):.1f}-{max(fps_runs):.1f} fps w/ plan)", flush=True)
 
@@ -162,6 +176,18 @@ def main(argv=None):
             config = StreamConfig.editing(recovery="none", first_chunk=args.first_chunk, plan_ahead=False)
             record("lipar none, planned in place", *timed(config, planner="lipar", target_kept=args.target_kept),
                    recovery="none")
+        cols, ceiling = source.shape[-1] // 2, []  # token columns (patch 2)
+        for share in ceilings:
+            keep = max(1, round(share * cols))
+            record(f"ceiling {keep / cols:.0%} of tokens", *timed(base, source[..., : 2 * keep]), reference=None,
+                   kept=keep / cols)  # the share of the full frame's tokens it computes
+            ceiling.append(rows[-1])
+
+    pearson = None
+    if len(ceiling) >= 2:  # chunk latency against the token share, the unpruned row as share 1
+        points = [rows[0], *ceiling]
+        pearson = float(np.corrcoef([r["kept"] for r in points], [r["chunk_ms"] for r in points])[0, 1])
+        print(f"chunk latency against token share: Pearson r = {pearson:.4f} over {len(points)} rows")
 
     result = {
         "benchmark": "streaming",
@@ -170,6 +196,7 @@ def main(argv=None):
         "stream": {"chunk": base.chunk, "timesteps": base.timesteps, "shift": base.shift, "sink": base.sink,
                    "window": base.window, "first_chunk": args.first_chunk},
         "target_kept": args.target_kept, "compile": args.compile, "repeats": args.repeats, "torch": torch.__version__, "rows": rows,
+        "ceiling_pearson_r": pearson,
     }
     write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -623,15 +623,22 @@ def test_plan_ahead_changes_when_planning_happens_not_the_stream(model, device):
 
 def test_streaming_benchmark_smoke(tmp_path, repo_script):
     """benchmarks/streaming.py --tiny: every row runs, the unpruned row is the reference,
-    pruned rows keep fewer tokens and plan ahead (but the in-place row), repeats are kept."""
+    pruned rows keep fewer tokens and plan ahead (but the in-place row), repeats are kept;
+    ceiling rows stream frames cropped to the asked share of token columns (14 in the tiny
+    clip) and chunk latency gets its Pearson r against that share."""
     import json
 
     bench = repo_script("benchmarks/streaming.py")
     out = tmp_path / "streaming.json"
-    bench.main(["--tiny", "--frames", "6", "--modes", "none", "clean", "--repeats", "2", "--out", str(out)])
+    bench.main(["--tiny", "--frames", "6", "--modes", "none", "clean", "--repeats", "2", "--ceiling", "0.5", "0.8",
+                "--out", str(out)])
     result = json.loads(out.read_text())
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == ["unpruned", "unpruned full cache", "lipar none", "lipar clean", "lipar none, planned in place"]
+    assert list(rows) == ["unpruned", "unpruned full cache", "lipar none", "lipar clean", "lipar none, planned in place",
+                          "ceiling 50% of tokens", "ceiling 79% of tokens"]
+    assert [rows[n]["kept"] for n in list(rows)[-2:]] == [7 / 14, 11 / 14]
+    assert rows["ceiling 50% of tokens"]["err_vs_unpruned"] is None and rows["ceiling 50% of tokens"]["chunk_ms"] > 0
+    assert -1 <= result["ceiling_pearson_r"] <= 1
     assert rows["unpruned"]["err_vs_unpruned"] == 0 and rows["unpruned"]["kept"] == 1
     for name in ("lipar none", "lipar clean"):
         assert rows[name]["kept"] < 1 and rows[name]["planned_ahead"] == 1  # chunk 1 of 2 planned during chunk 0
