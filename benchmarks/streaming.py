@@ -20,7 +20,9 @@ latents with the same noise (StreamConfig.editing(): t = 400, 4 steps, shift 5, 
 - ``peak_gib``: peak CUDA memory of the row;
 - ``gpu_ms`` (``--kernel-time``): kernel time per chunk, summed over one more stream run
   under ``torch.profiler`` (planning's kernels on the side stream included) - what the
-  row costs the GPU, free of the host's launch overhead and of its scatter.
+  row costs the GPU, free of the host's launch overhead and of its scatter;
+  ``plan_gpu_ms``: the part on side streams, i.e. the planning done ahead (planning in
+  place runs on the main stream and is not split out).
 
 Rows: ``unpruned`` (window 6), ``unpruned full cache`` (every frame kept in the cache, as
 Self-Forcing's baseline), then the lipar planner at ``--target-kept`` (default 0.68 =
@@ -47,6 +49,7 @@ Full size (CUDA, bf16): Wan2.1-T2V-1.3B config with random weights, 480x832, lat
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import platform
@@ -138,20 +141,26 @@ def main(argv=None):
         walls = [sum(c.seconds for c in chunks) for _, chunks, _ in runs]
         latents, chunks, _ = runs[int(np.argsort(walls)[len(walls) // 2])]
         return latents, chunks, max(peak for _, _, peak in runs), [frames * 4 / w for w in walls], (
-            kernel_ms(config, clip, **plan_kwargs) if args.kernel_time else None)
+            kernel_ms(config, clip, **plan_kwargs) if args.kernel_time else (None, None))
 
-    def kernel_ms(config, clip, **plan_kwargs) -> float:
-        """GPU kernel time per chunk of one more stream, from the profiler's device events."""
+    def kernel_ms(config, clip, **plan_kwargs) -> tuple[float, float]:
+        """GPU kernel time per chunk of one more stream, from the profiler's device events:
+        (all kernels, those on side streams - the planning ahead of the next chunk)."""
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             _, chunks, _ = stream(model, clip, text, config, args.compile, **plan_kwargs)
             torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        return sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / len(chunks)
+        per_stream = collections.Counter()
+        for event in prof.profiler.kineto_results.events():
+            if event.device_type() == torch.autograd.DeviceType.CUDA:
+                per_stream[event.device_resource_id()] += event.duration_ns()
+        total, main_stream = sum(per_stream.values()), max(per_stream.values())
+        return total / 1e6 / len(chunks), (total - main_stream) / 1e6 / len(chunks)
 
     reference, chunks, peak, fps_runs, gpu = timed(base)
     rows = []
 
-    def record(name, latents, chunks, peak, fps_runs, gpu_ms, recovery=None, reference=reference, kept=None):
+    def record(name, latents, chunks, peak, fps_runs, gpu, recovery=None, reference=reference, kept=None):
+        gpu_ms, plan_gpu_ms = gpu
         plan = sum(c.plan_seconds for c in chunks)
         exposed = sum(c.plan_seconds for c in chunks if not c.planned_ahead)  # inside the chunks' own seconds
         seconds = sum(c.seconds for c in chunks) - exposed
@@ -173,12 +182,13 @@ def main(argv=None):
                                              for c in chunks[1:]] or [seconds])),
             "plan_ms": 1e3 * plan / len(chunks), "planned_ahead": sum(c.planned_ahead for c in chunks),
             "peak_gib": peak, "fps_with_plan_runs": fps_runs, "gpu_ms": gpu_ms,
+            "plan_gpu_ms": plan_gpu_ms,
         })
         rows.append(row)
         quality = ("" if reference is None else f"err {row['err_vs_unpruned']:7.4f}  err_kept {row['err_kept']:7.4f}  "
                    f"psnr {row['psnr_vs_unpruned']:6.2f} dB")
         print(f"  {name:<28} kept {kept:5.3f}  {quality:<45} {row['fps']:8.2f} fps ({row['fps_with_plan']:7.2f} w/ plan)  "
-              f"chunk {row['chunk_ms']:7.1f} ms{'' if gpu_ms is None else f' (GPU {gpu_ms:6.1f})'}  "
+              f"chunk {row['chunk_ms']:7.1f} ms{'' if gpu_ms is None else f' (GPU {gpu_ms:6.1f}, side {plan_gpu_ms:5.1f})'}  "
               f"plan {row['plan_ms']:6.1f} ms  peak {peak:6.2f} GiB  "
               f"(runs {min(fps_runs):.1f}-{max(fps_runs):.1f} fps w/ plan)", flush=True)
 
