@@ -310,6 +310,22 @@ def test_guard_bounds_decide_exactly_as_the_trimmed_distance(trim):
             assert torch.equal(ops.trimmed_l1_within(a, b, tau, *trim), exact), (scale, tau)
 
 
+@pytest.mark.parametrize("trim", [(0.2, 0.8), (0.0, 1.0), (0.1, 0.5), (0.0, 0.5), (0.5, 1.0)])
+def test_trimmed_distance_is_the_mean_of_the_middle_ranks(trim):
+    """Both ways to sum the kept ranks (two top-k on a CPU, one sort on a GPU) equal the
+    definition: sort |a - b| per token, average ranks lo..hi-1."""
+    from lipcodec.planners import ops
+
+    g = torch.Generator().manual_seed(3)
+    d = torch.rand(500, 64, generator=g).double() * 3
+    d[:, :10] = d[:, :1]  # ties
+    lo, hi = ops._trim_ranks(64, *trim)
+    definition = torch.stack([row.sort().values[lo:hi].sum() for row in d])
+    for rank_sum in (ops._topk_rank_sum, ops._sorted_rank_sum):
+        assert torch.allclose(rank_sum(d, lo, hi), definition, rtol=1e-12, atol=1e-12), rank_sum
+    assert torch.allclose(ops.trimmed_l1(d, torch.zeros_like(d), *trim), definition / (hi - lo), rtol=1e-12)
+
+
 @pytest.mark.parametrize("gop", ["keyint=250", "keyint=8:bframes=2:b-pyramid=normal:ref=2", "bframes=3:ref=3:keyint=12"])
 @pytest.mark.parametrize("tau2", [None, 0.08, 0.12, 0.3])
 def test_resolve_in_rounds_equals_the_coding_order_loop(gop, tau2):

@@ -20,15 +20,26 @@ def trimmed_l1(a: torch.Tensor, b: torch.Tensor, low: float = 0.2, high: float =
     (noise, one flickering channel) and the many near-zero ones.
     """
     d = (a - b).abs_()  # (..., D)
-    n = d.shape[-1]
-    lo, hi = _trim_ranks(n, low, high)
-    # sum of ranks lo..hi-1 = total - (n - hi) largest - lo smallest; two top-k beat a full sort
-    trimmed = d.sum(-1)
+    lo, hi = _trim_ranks(d.shape[-1], low, high)
+    trimmed = _sorted_rank_sum(d, lo, hi) if d.is_cuda else _topk_rank_sum(d, lo, hi)
+    return trimmed / (hi - lo)
+
+
+def _topk_rank_sum(d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Sum of ranks lo..hi-1 of the last axis = total - (n - hi) largest - lo smallest: on a
+    CPU two partial top-k beat a full sort."""
+    n, trimmed = d.shape[-1], d.sum(-1)
     if n - hi:
         trimmed = trimmed - d.topk(n - hi, dim=-1, sorted=False).values.sum(-1)
     if lo:
         trimmed = trimmed - d.topk(lo, dim=-1, largest=False, sorted=False).values.sum(-1)
-    return trimmed / (hi - lo)
+    return trimmed
+
+
+def _sorted_rank_sum(d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The same sum from one sort: on a GPU a short row sorts in shared memory, while each
+    top-k took ~100 us at 32,760 x 64 on an H200 (62% of a streamed chunk's planning)."""
+    return d.sort(-1).values[..., lo:hi].sum(-1)
 
 
 def _trim_ranks(n: int, low: float, high: float) -> tuple[int, int]:
