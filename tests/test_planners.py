@@ -326,6 +326,26 @@ def test_trimmed_distance_is_the_mean_of_the_middle_ranks(trim):
     assert torch.allclose(ops.trimmed_l1(d, torch.zeros_like(d), *trim), definition / (hi - lo), rtol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernel)")
+@pytest.mark.parametrize("n, trim", [(64, (0.2, 0.8)), (48, (0.2, 0.8)), (5, (0.0, 1.0)), (64, (0.5, 1.0))])
+def test_trimmed_distance_on_a_gpu_is_the_definition(n, trim):
+    """The GPU's one-pass kernel: any width (padding must sort last), broadcast and
+    non-contiguous inputs, batch dimensions, no rows."""
+    from lipcodec.planners import ops
+
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.rand(3, 700, n, generator=g) * 2, torch.rand(700, n, generator=g)
+    a[:, :, : n // 2] = a[:, :, :1]  # ties
+    lo, hi = ops._trim_ranks(n, *trim)
+    definition = ((a.double() - b.double()).abs().sort(-1).values[..., lo:hi].mean(-1)).float()
+    on_gpu = ops.trimmed_l1(a.cuda(), b.cuda(), *trim)
+    assert on_gpu.shape == (3, 700) and on_gpu.is_cuda
+    torch.testing.assert_close(on_gpu.cpu(), definition, rtol=1e-5, atol=1e-6)
+    strided = ops.trimmed_l1(a.cuda().transpose(0, 1), b.cuda()[:, None], *trim)  # (700, 3)
+    torch.testing.assert_close(strided.cpu(), definition.T, rtol=1e-5, atol=1e-6)
+    assert ops.trimmed_l1(a.cuda()[:, :0], b.cuda()[:0], *trim).shape == (3, 0)
+
+
 @pytest.mark.parametrize("gop", ["keyint=250", "keyint=8:bframes=2:b-pyramid=normal:ref=2", "bframes=3:ref=3:keyint=12"])
 @pytest.mark.parametrize("tau2", [None, 0.08, 0.12, 0.3])
 def test_resolve_in_rounds_equals_the_coding_order_loop(gop, tau2):
