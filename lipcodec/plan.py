@@ -148,11 +148,9 @@ class Plan:
         src_frame = self.source // self.grid.tokens_per_frame
         types = self.schedule.types
         reach = self.schedule.reachable
-        allowed = torch.zeros(self.grid.frames, self.grid.frames, dtype=torch.bool)
-        for t in range(self.grid.frames):
-            for r in reach[t]:
-                allowed[t, r] = True
-        ok = allowed.to(self.source.device)[frame_of, src_frame] | ~reused
+        frames = range(self.grid.frames)
+        allowed = torch.tensor([[r in reach[t] for r in frames] for t in frames], device=self.source.device)
+        ok = allowed[frame_of, src_frame] | ~reused
         if not ok.all():
             i = int((~ok).nonzero()[0, 0])
             t = int(frame_of[i])

@@ -408,14 +408,14 @@ def test_target_kept_search_interpolates_near_the_budget(curve, monkeypatch):
         scales.append(math.log2(scale))
         computed = torch.zeros(frames * tokens, dtype=torch.bool)
         computed[: round(kept(math.log2(scale)) * frames * tokens)] = True
-        return SimpleNamespace(computed=computed, meta={})
+        return SimpleNamespace(computed=computed, scale=scale)
 
     planner = get_planner("lipar", target_kept=target, search_from=2.0**4)
     monkeypatch.setattr(type(planner), "_decide", lambda self, *args: decide(*args))
     ctx = SimpleNamespace(grid=SimpleNamespace(frames=frames, tokens_per_frame=tokens))
-    plan = planner._search_budget(ctx, None, None, None)
-    assert abs(plan.computed.float().mean() - target) * frames < 0.5 / 8, scales
-    assert plan.meta["target_kept"] == target
+    decision = planner._search_budget(ctx, None, None, None)
+    assert abs(decision.computed.float().mean() - target) * frames < 0.5 / 8, scales
+    assert decision.scale == 2.0 ** scales[-1]  # the last step landed
     bracket = 5  # stepped out 4 -> 3.75 -> 3.25 -> 2.25 -> 0.25: crossed
     assert scales[:bracket] == pytest.approx([4.0, 3.75, 3.25, 2.25, 0.25])
     lo, hi, halving = 0.25, 2.25, 0  # what bisection of the same bracket needs

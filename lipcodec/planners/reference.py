@@ -111,10 +111,15 @@ class ReferencePlanner:
             return [cache[p] for p in pairs]
 
         if self.target_kept is None:
-            return self._decide(ctx, tokens, matches, cache, 1.0)
-        return self._search_budget(ctx, tokens, matches, cache)
+            decision = self._decide(ctx, tokens, matches, cache, 1.0)
+        else:
+            decision = self._search_budget(ctx, tokens, matches, cache)
+        meta = {"planner": self.name, "params": _params(self), "gop": str(ctx.gop), "threshold_scale": decision.scale}
+        if self.target_kept is not None:
+            meta["target_kept"] = self.target_kept
+        return Plan(ctx.grid, decision.source, decision.schedule, meta=meta)  # validated once, not per decision
 
-    def _decide(self, ctx, tokens, matches, cache, scale: float) -> Plan:
+    def _decide(self, ctx, tokens, matches, cache, scale: float) -> Decision:
         grid, gop = ctx.grid, ctx.gop
         f, hw = grid.frames, grid.tokens_per_frame
         tau = self.tau1 * scale
@@ -172,10 +177,9 @@ class ReferencePlanner:
         final = final.reshape(f, hw) & torch.isfinite(best_distance) & ~keyframe[:, None]
         if not torch.equal(final.flatten(), source != torch.arange(f * hw, device=device)):  # clean-up changed it
             source = _resolve(schedule, flat, best_source, final, tau2 if self.reverify else None, self.trim, memo)
-        meta = {"planner": self.name, "params": _params(self), "gop": str(gop), "threshold_scale": scale}
-        return Plan(grid, source, schedule, meta=meta)
+        return Decision(source, schedule, scale)
 
-    def _search_budget(self, ctx, tokens, matches, cache) -> Plan:
+    def _search_budget(self, ctx, tokens, matches, cache) -> Decision:
         """Search a common scale of the thresholds (log2 space) for ``target_kept``: bracket
         it (2^-12..2^12, or step out from ``search_from`` until the budget is crossed), then
         narrow the bracket - by halves while it is wide or an end is unmeasured, then where
@@ -183,15 +187,15 @@ class ReferencePlanner:
         variant: an end that stays twice counts half, so the steps keep closing in)."""
         grid, target = ctx.grid, self.target_kept
         frames = grid.frames if self.budget_frames is None else max(1, min(self.budget_frames, grid.frames))
-        found: list = [None, None]  # the plan nearest the budget and its kept ratio
+        found: list = [None, None]  # the decision nearest the budget and its kept ratio
         excess: dict[float, float] = {}  # log2 scale -> kept ratio - target, as measured
 
         def kept_at(log_scale: float) -> float:  # kept ratio over the budgeted (last) frames
-            plan = self._decide(ctx, tokens, matches, cache, 2.0**log_scale)
-            ratio = float(plan.computed[-frames * grid.tokens_per_frame :].float().mean())
+            decision = self._decide(ctx, tokens, matches, cache, 2.0**log_scale)
+            ratio = float(decision.computed[-frames * grid.tokens_per_frame :].float().mean())
             excess[log_scale] = ratio - target
             if found[0] is None or abs(ratio - target) < abs(found[1] - target):
-                found[:] = plan, ratio
+                found[:] = decision, ratio
             return ratio
 
         def done() -> bool:  # within an eighth of a frame's tokens of the budget: good enough
@@ -227,9 +231,22 @@ class ReferencePlanner:
                 hi, e_hi = mid, excess[mid]
                 e_lo = e_lo / 2 if e_lo is not None and moved == "hi" else e_lo
                 moved = "hi"
-        best = found[0]
-        best.meta["target_kept"] = target
-        return best
+        return found[0]
+
+
+@attrs.frozen
+class Decision:
+    """One decision at one threshold scale: every token's final source (chains resolved,
+    the guard applied), not yet validated as a :class:`Plan` - a budget search makes
+    several and keeps one."""
+
+    source: torch.Tensor  # (F * H * W,) token ids
+    schedule: Schedule
+    scale: float
+
+    @property
+    def computed(self) -> torch.Tensor:
+        return self.source == torch.arange(len(self.source), device=self.source.device)
 
 
 class _GuardMemo:
