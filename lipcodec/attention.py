@@ -230,10 +230,11 @@ def _merge_cuda(outs: list[torch.Tensor], lse: torch.Tensor) -> torch.Tensor:
     result = torch.empty(b, s, h, d, dtype=outs[0].dtype, device=outs[0].device)
     rows, block = b * s * h, 64
     pad = flat + [flat[0]] * (MAX_PARTS - len(flat))
-    _merge_kernel[(triton.cdiv(rows, block),)](
-        result, lse, *pad, *[out.stride(2) for out in pad], rows, h, s,
-        R=len(outs), D=d, DP=triton.next_power_of_2(d), BLOCK=block,
-    )
+    with torch.cuda.device(result.device):  # Triton launches on the current device
+        _merge_kernel[(triton.cdiv(rows, block),)](
+            result, lse, *pad, *[out.stride(2) for out in pad], rows, h, s,
+            R=len(outs), D=d, DP=triton.next_power_of_2(d), BLOCK=block,
+        )
     return result
 
 

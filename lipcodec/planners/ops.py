@@ -74,8 +74,9 @@ def _trimmed_l1_cuda(a: torch.Tensor, b: torch.Tensor, lo: int, hi: int) -> torc
     if not len(out):
         return out.reshape(shape[:-1])
     block = 32
-    _trimmed_kernel[(triton.cdiv(a.shape[0], block),)](a, b, out, a.shape[0], N=n, NP=triton.next_power_of_2(n),
-                                                      LO=lo, HI=hi, BLOCK=block)
+    with torch.cuda.device(a.device):  # Triton launches on the current device
+        _trimmed_kernel[(triton.cdiv(a.shape[0], block),)](a, b, out, a.shape[0], N=n, NP=triton.next_power_of_2(n),
+                                                          LO=lo, HI=hi, BLOCK=block)
     return out.reshape(shape[:-1])
 
 
