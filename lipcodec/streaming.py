@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -668,10 +669,20 @@ class StreamRunner:
         self._src_hist = hist
 
     @functools.cached_property
-    def _chunk_budget(self) -> bool:
-        """Whether ``target_kept`` is a threshold planner's budget (set per chunk); decided once."""
+    def _plan_params(self) -> tuple[dict, dict]:
+        """``plan_kwargs`` split into :func:`lipcodec.plan`'s own keywords and the planner's parameters."""
+        own = inspect.signature(make_plan).parameters
         kwargs = self.plan_kwargs
-        return kwargs.get("target_kept") is not None and isinstance(get_planner(self.planner, **kwargs), ReferencePlanner)
+        return {k: v for k, v in kwargs.items() if k in own}, {k: v for k, v in kwargs.items() if k not in own}
+
+    @functools.cached_property
+    def _budget_planner(self) -> ReferencePlanner | None:
+        """The threshold planner whose ``target_kept`` is each chunk's budget - given by name
+        with ``target_kept=`` or as an object with it set (``lipcodec edit --stream``); None
+        when there is no such budget. Decided once."""
+        params = self._plan_params[1]
+        planner = get_planner(self.planner, **params) if isinstance(self.planner, str) else self.planner
+        return planner if isinstance(planner, ReferencePlanner) and planner.target_kept is not None else None
 
     @property
     def _intra(self) -> bool:
@@ -684,14 +695,18 @@ class StreamRunner:
         if self._intra or (a == 0 and self.config.first_chunk == "full"):
             return ids
         context = self._src_hist  # frames [hist_start, a + s)
-        kwargs = self.plan_kwargs
-        if self._chunk_budget:  # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
-            kwargs = {"budget_frames": s, "search_from": self._threshold_scale, **kwargs}
+        planner, kwargs = self.planner, self.plan_kwargs
+        budget = self._budget_planner
+        if budget is not None:  # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
+            planner = attrs.evolve(
+                budget, budget_frames=s if budget.budget_frames is None else budget.budget_frames,
+                search_from=self._threshold_scale if budget.search_from is None else budget.search_from)
+            kwargs = self._plan_params[0]  # the planner's parameters are in it
         if self.motion is not None:  # the field from the context's first frame: latent frame f = pixel frame 4f
             first = self._hist_start * kwargs.get("temporal_factor", TEMPORAL_FACTOR)
             kwargs = {**kwargs, "motion": attrs.evolve(self.motion, vectors=self.motion.vectors[first:],
                                                        picture_types=self.motion.picture_types[first:])}
-        plan = make_plan(context, self.planner, gop=self.gop, patch_size=self.patch, **kwargs)
+        plan = make_plan(context, planner, gop=self.gop, patch_size=self.patch, **kwargs)
         self._threshold_scale = plan.meta.get("threshold_scale", self._threshold_scale)
         base = self._hist_start * self.tpf
         src = plan.source[-n:].to(ids.device) + base  # (N,)

@@ -579,16 +579,24 @@ def test_proportional_multiplicities(model):
 
 def test_target_kept_is_each_chunks_budget(model):
     """With target_kept, every pruned chunk keeps about that share of its own tokens (the
-    planner sees a longer context, whose earlier frames do not count)."""
+    planner sees a longer context, whose earlier frames do not count) - also when the
+    planner comes as an object with target_kept set, as ``lipcodec edit --stream`` passes it
+    (that path once budgeted the whole context: 88% kept per chunk for a budget of 68%)."""
+    from lipcodec.planners import get as get_planner
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 1, 24, 24, generator=g) + 0.3 * torch.randn(1, 4, 12, 24, 24, generator=g).cumsum(2) * 0.1
     _, text = video()
-    runner = StreamRunner(model, text, StreamConfig(chunk=3, plan_context=9), planner="lipar", target_kept=0.6)
-    chunks = runner.push(x)
-    assert chunks[0].kept_ratio == 1.0  # first_chunk="full"
-    for c in chunks[1:]:
-        assert abs(c.kept_ratio - 0.6) <= 1 / 12, [c.kept_ratio for c in chunks]  # within 1/4 frame's share
-    assert runner._threshold_scale is not None  # each chunk's search started at the previous chunk's scale
+    streams = []
+    for planner, params in (("lipar", {"target_kept": 0.6}), (get_planner("lipar", target_kept=0.6), {})):
+        runner = StreamRunner(model, text, StreamConfig(chunk=3, plan_context=9), planner=planner, **params)
+        chunks = runner.push(x)
+        assert chunks[0].kept_ratio == 1.0  # first_chunk="full"
+        for c in chunks[1:]:
+            assert abs(c.kept_ratio - 0.6) <= 1 / 12, [c.kept_ratio for c in chunks]  # within 1/4 frame's share
+        assert runner._threshold_scale is not None  # each chunk's search started at the previous chunk's scale
+        streams.append([c.source for c in chunks])
+    assert all(torch.equal(a, b) for a, b in zip(*streams))  # by name or as an object: the same plans
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
