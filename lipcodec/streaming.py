@@ -318,7 +318,8 @@ class StreamRunner:
         planner: a planner name or object (``intra`` = no pruning); planned chunk by chunk on
             the source latents seen so far, so it may only reference the past.
         gop, plan_kwargs: passed to :func:`lipcodec.plan` (``target_kept=``, ``tau1=``...);
-            ``target_kept`` is each new chunk's budget (the planner sees more context).
+            ``target_kept`` (a parameter, or set on a planner object) is each new chunk's
+            budget (the planner sees more context).
             B-frames are refused: they reference frames that have not arrived.
         compile: ``torch.compile`` the dense parts of every block (:func:`_block_in`,
             :func:`_block_out`: norms, modulation, projections, RoPE, cross-attention,
