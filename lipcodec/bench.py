@@ -18,6 +18,7 @@ import time
 import torch
 
 from .editing import Session, build_planner, cached_encode, check_modes, parse_gop, room_to_recompile
+from .planners import share_params
 
 
 def _time_once(session: Session) -> float:
@@ -66,15 +67,17 @@ def bench(session: Session, planners, recoveries=("none",), *, gop=None, restore
     session.pipe.set_progress_bar_config(disable=True)
     if not session.encode_cache:  # one untimed run fills the encoding cache: no row pays for the VAE
         _time_once(session)
-    jobs = [("unpatched", None, "none")] + [(f"{p} {r}", p, r) for p in planners for r in recoveries]
+    shares = share_params(planners, params or {})  # each planner takes the parameters it knows
+    jobs = [("unpatched", None, "none", {})] + [(f"{p} {r}", p, r, share) for p, share in zip(planners, shares)
+                                                 for r in recoveries]
     rows = []
     with room_to_recompile(len(jobs)) if compiled else contextlib.nullcontext():
         try:
-            for label, planner, recovery in tqdm(jobs, desc="bench", unit="row", disable=not progress, leave=False):
+            for label, planner, recovery, share in tqdm(jobs, desc="bench", unit="row", disable=not progress, leave=False):
                 remove(session.pipe)
                 codec = None
                 if planner is not None:
-                    built = build_planner(planner, params)
+                    built = build_planner(planner, share)
                     codec = apply(session.pipe, built, recovery=recovery, restore=restore, gop=gop,
                                   seed=session.settings["seed"], frames=session.frames, motion=session.video.motion,
                                   kept_multiple=kept_multiple)

@@ -464,7 +464,7 @@ def add_compare(subparsers) -> None:
         description="For each IN: the unpruned run and one run per planner x GOP x recovery, from the same noise; "
         "writes report.md/.html/.json, per-frame plots (PNG) and a side-by-side video to -o DIR.",
     )
-    parser.add_argument("videos", nargs="+", metavar="IN", help="input videos")
+    parser.add_argument("videos", nargs="*", metavar="IN", help="input videos (default: the bundled Big Buck Bunny clip)")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="report folder (replaced atomically)")
     parser.add_argument("--planners", default="intra,lipar", metavar="A,B,C", help="planners (default intra,lipar)")
     parser.add_argument(
@@ -489,7 +489,8 @@ def add_compare(subparsers) -> None:
     parser.set_defaults(func=cmd_compare)
 
 
-def _planner_list(args) -> tuple[list[str], list, dict]:
+def _planner_list(args) -> tuple[list[str], list, dict, list[dict]]:
+    """--planners, --gops, -p (all of them) and each planner's share of -p."""
     from . import planners as registry
     from .editing import build_planner as check_planner
     from .editing import parse_gop
@@ -504,12 +505,17 @@ def _planner_list(args) -> tuple[list[str], list, dict]:
     for name in names:
         if name not in registry.available():
             raise UsageError(f"unknown planner {name!r}; available: {', '.join(registry.available())}")
-        check_planner(name, params)
+    try:
+        shares = registry.share_params(names, params)
+    except ValueError as error:
+        raise UsageError(f"-p: {error}") from None
+    for name, share in zip(names, shares):
+        check_planner(name, share)
     gops = [None if g in ("default", "") else g for g in (args.gops or ["default"])]
     for g in gops:
         if g is not None:
             parse_gop(g)  # validate now, label with the user's own text
-    return names, gops, params
+    return names, gops, params, shares
 
 
 def cmd_compare(args) -> int:
@@ -521,6 +527,7 @@ def cmd_compare(args) -> int:
         raise UsageError(f"-o {out}: folder {out.parent} does not exist; create it first")
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} is a file; the report is a folder: pass a new folder name")
+    args.videos = args.videos or [str(_bundled())]
     for video in args.videos:
         if out.exists() and Path(video).exists() and Path(video).resolve().is_relative_to(out.resolve()):
             raise UsageError(f"-o {out} contains the input {video}, and the report replaces the folder: choose another")
@@ -528,11 +535,11 @@ def cmd_compare(args) -> int:
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup} must be >= 0")
     check_kept_multiple_arg(args)
-    names, gops, params = _planner_list(args)
+    names, gops, _, shares = _planner_list(args)
     recoveries = _split(args.recoveries, "--recoveries")
     for recovery in recoveries:
         check_modes(recovery, args.restore)
-    cfgs = configs(names, gops, recoveries, (args.restore,), params)
+    cfgs = [cfg for name, share in zip(names, shares) for cfg in configs([name], gops, recoveries, (args.restore,), share)]
     results = []
     for video in args.videos:
         session = prepare_session(args, video, motion="bitstream" in names, compile=args.compile)
@@ -594,7 +601,7 @@ def cmd_bench(args) -> int:
     if args.repeat < 1 or args.warmup < 0:
         raise UsageError(f"--repeat {args.repeat} must be >= 1 and --warmup {args.warmup} >= 0")
     check_kept_multiple_arg(args)
-    names, _, params = _planner_list(args)
+    names, _, params, _ = _planner_list(args)
     recoveries = _split(args.recoveries, "--recoveries")
     for recovery in recoveries:
         check_modes(recovery, args.restore)

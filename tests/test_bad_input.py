@@ -202,4 +202,6 @@ def test_compare_and_bench_reject_bad_lists(files, models, tmp_path, capsys):
     assert "unknown recovery 'magic'" in capsys.readouterr().err
     assert main(["bench", str(files["good"]), "--repeat", "0", *base]) == 2
     assert "--repeat 0 must be >= 1" in capsys.readouterr().err
+    assert main(["bench", str(files["good"]), "--planners", "intra,lipar", "-p", "taget_kept=0.5", *base]) == 2
+    assert "taget_kept: none of the planners (intra, lipar) takes it" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

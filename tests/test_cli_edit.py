@@ -146,8 +146,11 @@ def test_compare_writes_the_report_folder(tmp_path, clip, model_dir):
 
 
 def test_bench_prints_a_timing_table(clip, model_dir):
+    """One -p for several planners: target_kept reaches lipar and skips intra (which takes
+    no parameters)."""
     run = run_cli("bench", clip, "--model", model_dir, "--planners", "intra,lipar", "--recoveries", "none,duplicate",
-                  "--repeat", "2", "--warmup", "0", "--steps", "2", "--strength", "0.5", "--json", "-", "-q")
+                  "--repeat", "2", "--warmup", "0", "--steps", "2", "--strength", "0.5", "-p", "target_kept=0.5",
+                  "--json", "-", "-q")
     assert run.returncode == 0, run.stderr
     data = json.loads(run.stdout)
     assert data["device"] == "cpu" and data["frames"] == 17
@@ -156,6 +159,7 @@ def test_bench_prints_a_timing_table(clip, model_dir):
     for row in data["rows"]:
         assert len(row["times"]) == 2 and row["min_s"] <= row["median_s"] <= row["max_s"]
     assert data["rows"][0]["speedup"] == 1.0 and data["rows"][1]["kept_ratio"] == 1.0
+    assert all(abs(r["kept_ratio"] - 0.5) < 0.06 for r in data["rows"][3:]), data["rows"]
 
 
 @pytest.mark.needs_cxx

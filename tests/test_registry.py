@@ -90,6 +90,22 @@ def test_registering_the_same_factory_twice_is_harmless():
     assert available().count("test-nearest-ref") == 1
 
 
+def test_one_set_of_params_is_shared_by_what_each_planner_takes():
+    """compare/bench run several planners with one -p: each gets the keys its constructor
+    takes, a **kwargs factory all of them, a planner object none; a key nobody takes is an
+    error naming the planners."""
+    @register_planner("test-anything")
+    def anything(**params):
+        return lambda ctx: nearest_ref_plan(ctx, 0.05)
+
+    params = {"target_kept": 0.5, "radius": 2}
+    shares = registry.share_params(["intra", "lipar", "motion", "test-anything", get("lipar")], params)
+    assert shares == [{}, {"target_kept": 0.5}, {"target_kept": 0.5, "radius": 2}, params, {}]
+    with pytest.raises(ValueError, match=re.escape("planner parameter radius, typo: none of the planners (intra, lipar)")):
+        registry.share_params(["intra", "lipar"], {"radius": 2, "target_kept": 0.5, "typo": 1})
+    assert registry.share_params(["intra"], {}) == [{}]
+
+
 def test_available_lists_builtins_and_customs():
     assert "intra" in available()
     register_planner("test-nearest-ref")(NearestRef)

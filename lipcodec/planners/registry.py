@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -108,6 +109,28 @@ def register_planner(name: str, *, replace: bool = False):
 def available() -> list[str]:
     """Names of every registered planner, built-in and custom."""
     return sorted(_REGISTRY)
+
+
+def share_params(planners, params: dict) -> list[dict]:
+    """Each planner's share of ``params``, for commands that run several planners with one
+    set of parameters (``compare``, ``bench``): the keys its constructor takes (every key for
+    a factory with ``**kwargs``, none for a planner object), so ``target_kept`` reaches
+    ``lipar`` and ``motion`` and skips ``intra``. A key that no planner takes is an error."""
+    shares = []
+    for planner in planners:
+        factory = _REGISTRY.get(planner) if isinstance(planner, str) else None
+        if factory is None:  # an object, or an unknown name (get() says so when it is built)
+            shares.append({} if not isinstance(planner, str) else dict(params))
+            continue
+        takes = inspect.signature(factory).parameters.values()
+        every = any(p.kind is p.VAR_KEYWORD for p in takes)
+        shares.append({k: v for k, v in params.items() if every or k in {p.name for p in takes}})
+    unused = [key for key in params if not any(key in share for share in shares)]
+    if unused:
+        names = ", ".join(p if isinstance(p, str) else type(p).__name__ for p in planners)
+        raise ValueError(f"planner parameter {', '.join(unused)}: none of the planners ({names}) takes it; "
+                         "check the spelling, or add a planner that does")
+    return shares
 
 
 def get(name: str | Planner, **params: Any) -> Planner:
