@@ -125,8 +125,10 @@ def test_get_unknown_name_lists_available():
 
 
 def test_get_with_bad_params_names_the_planner():
-    with pytest.raises(TypeError, match=r"planner 'intra': .*'tau1'"):
+    with pytest.raises(TypeError, match=r"planner 'intra': .*'tau1' \('intra' takes no parameters\)"):
         get("intra", tau1=0.1)
+    with pytest.raises(TypeError, match=r"'radius' \('lipar' takes tau1, tau2, target_kept, "):
+        get("lipar", radius=3)
     with pytest.raises(TypeError, match="pass a name, not an instance"):
         get(NearestRef(), threshold=1.0)
     instance = NearestRef()

@@ -111,6 +111,14 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _parameters(factory) -> tuple[str, ...] | None:
+    """The keyword parameters a planner factory or class takes (None: any, it has ``**kwargs``)."""
+    takes = inspect.signature(factory).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in takes):
+        return None
+    return tuple(p.name for p in takes if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "name")
+
+
 def share_params(planners, params: dict) -> list[dict]:
     """Each planner's share of ``params``, for commands that run several planners with one
     set of parameters (``compare``, ``bench``): the keys its constructor takes (every key for
@@ -122,9 +130,8 @@ def share_params(planners, params: dict) -> list[dict]:
         if factory is None:  # an object, or an unknown name (get() says so when it is built)
             shares.append({} if not isinstance(planner, str) else dict(params))
             continue
-        takes = inspect.signature(factory).parameters.values()
-        every = any(p.kind is p.VAR_KEYWORD for p in takes)
-        shares.append({k: v for k, v in params.items() if every or k in {p.name for p in takes}})
+        takes = _parameters(factory)
+        shares.append({k: v for k, v in params.items() if takes is None or k in takes})
     unused = [key for key in params if not any(key in share for share in shares)]
     if unused:
         names = ", ".join(p if isinstance(p, str) else type(p).__name__ for p in planners)
@@ -146,7 +153,9 @@ def get(name: str | Planner, **params: Any) -> Planner:
     try:
         planner = factory(**params)
     except TypeError as error:
-        raise TypeError(f"planner {name!r}: {error}") from None
+        takes = _parameters(factory)
+        hint = "" if takes is None else f" ({name!r} takes {', '.join(takes) if takes else 'no parameters'})"
+        raise TypeError(f"planner {name!r}: {error}{hint}") from None
     if getattr(planner, "name", None) is None:
         try:
             planner.name = name
