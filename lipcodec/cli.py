@@ -449,6 +449,7 @@ def _edit_stream(args, out, codec, planner, gop) -> int:
         print(f"wrote    {out}")
     report = {
         "input": str(args.video), "output": str(out), "stream": True, "kept_ratio": result.kept_ratio,
+        "chunk_kept": list(result.chunk_kept),
         "chunk_seconds": list(result.chunk_seconds), "plan_seconds": result.plan_seconds, "fidelity": result.fidelity,
     }
     write_json(args.json, report)

@@ -1065,11 +1065,13 @@ class StreamEdit:
     chunk_seconds: tuple[float, ...]  # per chunk, planning included (a chunk planned ahead: in the one before)
     plan_seconds: float  # host time of all planning (on CUDA, planning ahead overlaps the GPU's work)
     fidelity: dict | None  # vs an unpruned stream from the same noise (reference=True); speed-up over chunks 1..
+    chunk_kept: tuple[float, ...] = ()  # per chunk, its computed share of tokens
 
     def table(self) -> str:
         total = sum(self.chunk_seconds)
+        per_chunk = f" (per chunk {' '.join(f'{k:.0%}' for k in self.chunk_kept)})" if self.chunk_kept else ""
         lines = [
-            f"stream   {len(self.chunk_seconds)} chunks, kept {self.kept_ratio:.1%} of tokens",
+            f"stream   {len(self.chunk_seconds)} chunks, kept {self.kept_ratio:.1%} of tokens{per_chunk}",
             f"time     {total:.2f} s denoising ({len(self.frames) / total:.1f} output frames/s), "
             f"{self.plan_seconds:.2f} s of planning (host); per chunk "
             + " ".join(f"{1e3 * s:.0f}ms" for s in self.chunk_seconds),
@@ -1169,6 +1171,6 @@ def edit_stream(
     kept = sum(c.kept for c in chunks) / sum(c.tokens for c in chunks)
     return StreamEdit(
         frames, video.fps, kept, tuple(c.seconds for c in chunks), sum(c.plan_seconds for c in chunks),
-        fidelity,
+        fidelity, tuple(c.kept_ratio for c in chunks),
     )
 

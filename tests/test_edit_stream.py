@@ -23,6 +23,8 @@ def test_stream_edit_writes_every_frame_and_reports_per_chunk(tmp_path, capsys):
     report = json.loads(captured.out)
     assert report["stream"] is True and len(report["chunk_seconds"]) == 3
     assert abs(report["kept_ratio"] - (1 + 2 * 0.6) / 3) < 0.03  # chunk 0 in full, chunks 1-2 at their own budget
+    assert report["chunk_kept"][0] == 1.0 and all(abs(k - 0.6) < 0.05 for k in report["chunk_kept"][1:])
+    assert sum(report["chunk_kept"]) / 3 == pytest.approx(report["kept_ratio"])  # equal chunks
     assert report["fidelity"]["psnr"] > 20 and report["fidelity"]["speedup"] > 0
     video = read_video(out, progress=False)
     assert video.frames.shape == (33, 128, 224, 3)
