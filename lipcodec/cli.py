@@ -661,7 +661,9 @@ def main(argv: list[str] | None = None) -> int:
 
     prog = f"lipcodec {args.command}"
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("default")
+        warnings.simplefilter("default")  # each warning once per place, printed below as the command's own
+        for developers_only in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=developers_only)  # hidden by Python by default too
         try:
             code = args.func(args)
         except NumericalError as error:  # NaN/Inf in latents or model outputs: says where

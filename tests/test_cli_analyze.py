@@ -228,3 +228,23 @@ def test_vae_latents_from_a_local_folder(tmp_path, clip):
     assert main(args) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["latents"] == "vae" and report["latent_shape"] == [16, 3, 8, 12]
+
+
+def test_the_cli_prints_warnings_for_users_and_hides_developers_ones(monkeypatch, capsys):
+    """A command's warnings print once as its own ("lipcodec analyze: warning: ..."), but the
+    deprecation notices of libraries underneath (torch.compile's torch.jit, say) stay hidden,
+    as Python hides them by default: a user can do nothing about them."""
+    import warnings
+
+    import lipcodec.cli as cli
+
+    def noisy(args):
+        warnings.warn("torch.jit.script_method is deprecated", DeprecationWarning)
+        warnings.warn("something the user should know", UserWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_analyze", noisy)  # main() builds its parser after this
+    assert cli.main(["analyze"]) == 0
+    err = capsys.readouterr().err
+    assert "lipcodec analyze: warning: something the user should know" in err
+    assert "deprecated" not in err
