@@ -47,6 +47,7 @@ from . import metrics
 from .video import Video, read_video, wan_vae_codec
 
 PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
+NO_PROMPT = "no prompt: pass prompt='...' (--prompt) describing the edited video"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -651,7 +652,7 @@ def _embeddings(model: Model, prompt, prompt_embeds, negative_prompt_embeds, neg
             f"or save them as {PROMPT_EMBEDS_FILE} in the model folder"
         )
     if prompt is None:
-        raise EditError("no prompt: pass prompt='...' (--prompt) describing the edited video")
+        raise EditError(NO_PROMPT)
     return {"prompt": prompt, "negative_prompt": negative_prompt}
 
 
@@ -1103,9 +1104,15 @@ def edit_stream(
     (the autoencoder stays float32); ``compile`` is :class:`StreamRunner`'s (GPU: faster
     once compiled, and the first stream pays the compilation).
     """
-    from .streaming import StreamConfig, StreamRunner
+    from .streaming import StreamConfig, StreamRunner, causal_gop
 
     _check_settings(strength, steps, 1.0)
+    try:  # what can be checked is checked before the video is decoded
+        gop = causal_gop(parse_gop(gop))
+    except ValueError as error:
+        raise EditError(str(error)) from None
+    if str(model) == "reference" and prompt is None:
+        raise EditError(NO_PROMPT)
     device = resolve_device("cpu" if device is None else device)
     dtype = resolve_dtype("float32" if dtype is None else dtype)
     if not isinstance(video, Video):

@@ -63,6 +63,18 @@ def flow_sigma(timestep: float, shift: float) -> float:
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 
+def causal_gop(gop: GOP | str | None) -> GOP | None:
+    """``gop`` (x264 params or a GOP) if a stream can follow it; B-frames raise ValueError."""
+    if isinstance(gop, str):
+        gop = GOP.from_x264_params(gop)
+    if gop is not None and gop.bframes:
+        raise ValueError(
+            f"GOP bframes={gop.bframes}: streaming is causal and B-frames reference frames that have not "
+            "arrived yet; use bframes=0 (P-frames only)"
+        )
+    return gop
+
+
 def _positive(instance, attribute, value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"StreamConfig.{attribute.name}={value!r}: use an int >= 1")
@@ -358,14 +370,7 @@ class StreamRunner:
                 f"sink + window + chunk = {c.sink + c.window + c.chunk} frames do not fit in rope_frames="
                 f"{self.rope_frames} positions: shrink the window or raise rope_frames"
             )
-        if isinstance(gop, str):
-            gop = GOP.from_x264_params(gop)
-        if gop is not None and gop.bframes:
-            raise ValueError(
-                f"GOP bframes={gop.bframes}: streaming is causal and B-frames reference frames that have not "
-                "arrived yet; use bframes=0 (P-frames only)"
-            )
-        self.planner, self.gop, self.plan_kwargs = planner, gop, plan_kwargs
+        self.planner, self.gop, self.plan_kwargs = planner, causal_gop(gop), plan_kwargs
         rope = model.rope
         self._tables = (
             rope.freqs_cos.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1),

@@ -43,6 +43,8 @@ def test_stream_edit_with_the_intra_plan_computes_everything(tmp_path, capsys):
         (["--prompt", "watercolor"], ["unknown edit word 'watercolor'", "grayscale"]),
         (["--device", "cuda:99"], ["device 'cuda:99'"]),  # no GPU here, or not 100 of them
         (["--dtype", "int8"], ["dtype 'int8' is not supported", "bfloat16"]),
+        (["--gop", "keyint=8:bframes=2"], ["bframes=2: streaming is causal", "use bframes=0"]),  # was a traceback
+        (["--gop", "keyint=x"], ["keyint='x' is not an integer"]),
     ],
 )
 def test_stream_edit_bad_input_exits_2(tmp_path, capsys, extra, fragments):
@@ -50,6 +52,12 @@ def test_stream_edit_bad_input_exits_2(tmp_path, capsys, extra, fragments):
     assert code == 2 and not out.exists()
     last = captured.err.strip().splitlines()[-1]
     assert "Traceback" not in captured.err and all(f in last for f in fragments)
+
+
+def test_stream_edit_without_a_prompt_says_so(tmp_path, capsys):
+    """As the full-sequence edit does (it said "unknown edit word None")."""
+    assert main(["edit", "--stream", "-o", str(tmp_path / "out.mp4"), *SMALL]) == 2
+    assert capsys.readouterr().err.strip().endswith("no prompt: pass prompt='...' (--prompt) describing the edited video")
 
 
 def test_stream_edit_with_a_self_forcing_checkpoint(tmp_path, capsys):
