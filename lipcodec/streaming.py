@@ -16,7 +16,8 @@ frames (Self-Forcing: 3). Per chunk:
 Recovery (which keys reused tokens contribute, self-attention only; see docs/streaming.md):
 
 - ``none``: no keys for reused tokens; the cache holds kept tokens only.
-- ``proportional``: ToMe-style + log(c_j) on the logits of each kept key j.
+- ``proportional``: ToMe-style + log(c_j) on the logits of each kept key j (a bias in the
+  same SDPA call).
 - ``duplicate``: reused tokens re-enter as keys/values copied from their reference's
   *un-rotated* K and V, rotated to their own position. While denoising, a reference in
   the same chunk gives its *noisy* K/V of the current step; one in an earlier chunk its
@@ -33,7 +34,7 @@ re-rotated back by the shift (LIPAR's policy); sink frames keep their positions.
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import functools
 import inspect
 import math
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from einops import rearrange
 
-from .attention import RECOVERY_MODES, KeyRuns, multiplicity_order, proportional_attention, rotate
+from .attention import RECOVERY_MODES, rotate
 from .gop import GOP, TEMPORAL_FACTOR
 from .plan import Grid
 from .planners import MotionField
@@ -97,8 +98,9 @@ class StreamConfig:
         sink, window: the cache keeps the first ``sink`` frames of the stream and the
             ``window`` most recent frames (LIPAR 1 + 6). ``window=None``: keep every frame.
         recovery: ``none`` (default, as in the executor and the CLI: the fewest launches),
-            ``proportional`` (on the reference model the most faithful streaming mode, +7%
-            GPU time), ``duplicate`` or ``clean`` (LIPAR's) - module docstring, streaming.md.
+            ``proportional`` (on the reference model the most faithful streaming mode; its
+            bias costs attention time), ``duplicate`` or ``clean`` (LIPAR's) - module
+            docstring, streaming.md.
         first_chunk: ``full`` (default): chunk 0 ignores the plan and computes every token,
             so the clean cache every later copy comes from is exact; ``prune``: LIPAR's
             behaviour, chunk 0 is pruned too (``clean`` then has no clean source and runs
@@ -109,10 +111,11 @@ class StreamConfig:
             ``rope_max_seq_len``. Self-Forcing was trained on 21 latent frames.
         plan_context: the planner sees at most this many latent frames ending at the new
             chunk (bounds memory and planning time); None = every frame so far.
-        plan_ahead: when the next chunk's frames are already pushed, plan it while the GPU
-            runs this chunk (on a side CUDA stream), so planning leaves the critical path.
-            Plans and outputs are identical either way; on the CPU nothing overlaps and the
-            planning time only moves into the previous chunk's ``seconds``.
+        plan_ahead: when the next chunk's frames are already pushed, plan it while this
+            chunk runs (CUDA: in a worker thread, on a side stream), so planning leaves the
+            critical path. Plans and outputs are identical either way; on the CPU nothing
+            overlaps and the planning time only moves into the previous chunk's
+            ``seconds``. Whether it pays depends on the host (docs/streaming.md).
         seed: the runner's private noise generator (your global RNG is untouched).
     """
 
@@ -184,18 +187,34 @@ class Chunk:
 
 @attrs.define
 class _Ahead:
-    """A chunk's plan made ahead on ``stream`` (None: the CPU, nothing to wait for)."""
+    """A chunk's plan being made ahead: on a worker thread and the side CUDA ``stream``
+    (None: the CPU, where it was made in place and ``made`` is already done)."""
 
     start: int  # the chunk's first stream frame
-    source: torch.Tensor  # (N,) stream token ids, as _plan_rows returns
+    made: concurrent.futures.Future  # -> _Planned
     stream: object
-    seconds: float
 
-    def take(self) -> torch.Tensor:
+    def take(self) -> _Planned:
+        planned = self.made.result()  # the worker's errors surface here
         if self.stream is not None:  # the main stream waits for the plan, and owns it from here
-            torch.cuda.current_stream(self.source.device).wait_stream(self.stream)
-            self.source.record_stream(torch.cuda.current_stream(self.source.device))
-        return self.source
+            torch.cuda.current_stream(planned.source.device).wait_stream(self.stream)
+            planned.source.record_stream(torch.cuda.current_stream(planned.source.device))
+        return planned
+
+
+@attrs.frozen
+class _PlanInputs:
+    context: torch.Tensor  # (B, C, f, H, W) source latents of the planning context
+    first: int  # its first stream frame
+    search_from: float | None  # the last chunk's threshold scale
+    budget: ReferencePlanner | None  # StreamRunner._budget_planner
+
+
+@attrs.frozen
+class _Planned:
+    source: torch.Tensor  # (N,) stream token id each token of the chunk takes its output from
+    scale: float | None  # the target_kept search's threshold scale (the next search starts there)
+    seconds: float  # host time of the planning
 
 
 # -- cache ----------------------------------------------------------------------------------
@@ -295,10 +314,16 @@ class _Pass:
     """What one forward over the chunk needs (denoising steps share one, the clean pass another)."""
 
     write: torch.Tensor  # (n,) cache rows the [kept; local dups; cache dups] K/V go to
+    start: int  # the rows the cache held before the chunk
     keys: int  # attention sees cache rows [0, keys)
     dups: _Dups | None
-    key_order: torch.Tensor | None  # (keys,) proportional: key rows in runs of equal multiplicity
-    runs: KeyRuns | None
+    key_bias: torch.Tensor | None  # (1, 1, 1, keys) proportional: log c_j of every key row, model dtype
+
+    @property
+    def plain(self) -> bool:
+        """The kept tokens' K/V go to rows [start, keys), in order, and no duplicates join
+        them as keys: every pass of ``none`` and ``proportional``, and of unpruned chunks."""
+        return self.dups is None
 
 
 @attrs.define(eq=False)
@@ -333,11 +358,11 @@ class StreamRunner:
             ``target_kept`` (a parameter, or set on a planner object) is each new chunk's
             budget (the planner sees more context).
             B-frames are refused: they reference frames that have not arrived.
-        compile: ``torch.compile`` the dense parts of every block (:func:`_block_in`,
-            :func:`_block_out`: norms, modulation, projections, RoPE, cross-attention,
-            feed-forward) with dynamic shapes, so kept counts that change from chunk to
-            chunk reuse one compiled graph; the cache writes and self-attention stay eager.
-            Results match eager to rounding, not bit for bit.
+        compile: ``torch.compile`` every block with dynamic shapes, so kept counts that
+            change from chunk to chunk reuse one compiled graph: whole blocks, cache write
+            and attention included (``none``, ``proportional``, unpruned chunks); for
+            ``duplicate`` and ``clean`` the dense parts around their eager gathers and
+            re-rotation of duplicated keys. Results match eager to rounding, not bit for bit.
         motion: the source's codec motion vectors (``read_video(path, motion=True).motion``,
             pixel frame 0 = the stream's first frame), for the ``bitstream`` planner: each
             chunk's planner gets the part of the field its plan context covers.
@@ -348,9 +373,9 @@ class StreamRunner:
                  motion: MotionField | None = None, **plan_kwargs):
         self.model = model
         self.motion = motion
-        self._block_in, self._block_out = (
-            (torch.compile(_block_in, dynamic=True), torch.compile(_block_out, dynamic=True)) if compile
-            else (_block_in, _block_out)
+        parts = (_plain_block, _block_in, _block_out)
+        self._plain_block, self._block_in, self._block_out = (
+            tuple(torch.compile(part, dynamic=True) for part in parts) if compile else parts
         )
         self.config = config or StreamConfig()
         cfg = model.config
@@ -377,6 +402,7 @@ class StreamRunner:
             rope.freqs_sin.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1),
         )  # per axis (positions, axis_dim)
         self._plan_stream = None  # plan_ahead's side stream (CUDA), made on first use
+        self._plan_worker = None  # plan_ahead's thread (CUDA), made on first use
         self.set_prompt(prompt_embeds)
         self.reset()
 
@@ -394,7 +420,7 @@ class StreamRunner:
         self._hist_start = 0  # first frame in both histories
         self._sources: dict[int, torch.Tensor] = {}  # frame -> (tpf,) stream token id each token copies
         self._threshold_scale: float | None = None  # the last target_kept plan's: the next search starts there
-        self._ahead: _Ahead | None = None  # the next chunk's plan, made while this chunk ran
+        self._ahead: _Ahead | None = None  # the next chunk's plan, made while this chunk runs
         self._gen = None
 
     @torch.no_grad()
@@ -507,16 +533,15 @@ class StreamRunner:
         b, c, s, h, w = source.shape
         a = self._frames
         ahead, self._ahead = self._ahead, None
-        if ahead is not None:  # made at the end of the previous chunk, from these very frames
-            src, plan_seconds = ahead.take(), ahead.seconds
+        if ahead is not None:  # made while the previous chunk ran, from these very frames
+            planned = ahead.take()
         else:
             self._remember_source(source)
-            plan_start = time.perf_counter()
-            src = self._plan_rows(a, s)  # (N,) stream token ids
-            plan_seconds = time.perf_counter() - plan_start  # planning ends in host code (indices fetched)
-        ready = torch.cuda.Event() if source.is_cuda else None  # the pushed frames are on the GPU by now
-        if ready is not None:
-            ready.record()
+            planned = self._plan_rows(a, s)
+        src = planned.source  # (N,) stream token ids
+        self._threshold_scale = planned.scale if planned.scale is not None else self._threshold_scale
+        if conf.plan_ahead and not self._intra and self._pending is not None and self._pending.shape[2] >= conf.chunk:
+            self._plan_ahead(a + s, self._pending[:, :, : conf.chunk])  # the next chunk, while this one runs
         self._shift_positions(a + s)
         idx = self._index(a, s, src)
         n = s * self.tpf
@@ -530,31 +555,38 @@ class StreamRunner:
         self._forward(x0, 0.0, idx, idx.clean)  # clean pass: writes the chunk's K/V
         self._commit(a, s, idx)
         self._remember_output(x0, src, a, s)
-        if conf.plan_ahead and not self._intra and self._pending is not None and self._pending.shape[2] >= conf.chunk:
-            self._plan_ahead(a + s, self._pending[:, :, : conf.chunk], ready)
         if x0.device.type == "cuda":
             torch.cuda.synchronize(x0.device)
         self._frames += s
         self._chunks += 1
         seconds = time.perf_counter() - start_time
-        return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, src.cpu(), plan_seconds,
+        return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, src.cpu(), planned.seconds,
                      planned_ahead=ahead is not None)
 
-    def _plan_ahead(self, a: int, source: torch.Tensor, ready):
-        """Plan the chunk starting at frame ``a`` now, on a side stream while the GPU runs this
-        chunk (``ready``: the main stream's point where the pushed frames exist)."""
-        start = time.perf_counter()
-        stream = None
-        if ready is not None:
-            stream = self._plan_stream = self._plan_stream or torch.cuda.Stream(source.device)
-            stream.wait_event(ready)
-            for tensor in (source, self._src_hist):  # allocated on the main stream, read on the side one
-                if tensor is not None:
-                    tensor.record_stream(stream)
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            self._remember_source(source)
-            src = self._plan_rows(a, source.shape[2])
-        self._ahead = _Ahead(a, src, stream, time.perf_counter() - start)
+    def _plan_ahead(self, a: int, source: torch.Tensor):
+        """Start planning the chunk at frame ``a`` (its frames ``source`` are pushed). On CUDA
+        a worker thread plans on a side stream while this thread issues the current chunk:
+        the planner's host work and its syncs (it reads kept ratios and chain ends back) do
+        not hold up this thread's launches - though the two threads share one interpreter,
+        which on some hosts slows both (docs/streaming.md). On the CPU it plans in place."""
+        self._remember_source(source)
+        job = functools.partial(self._plan_rows, a, source.shape[2], self._plan_inputs(a, source.shape[2]))
+        if not source.is_cuda:
+            made = concurrent.futures.Future()
+            made.set_result(job())
+            self._ahead = _Ahead(a, made, None)
+            return
+        stream = self._plan_stream = self._plan_stream or torch.cuda.Stream(source.device)
+        stream.wait_stream(torch.cuda.current_stream(source.device))  # the pushed frames are on the GPU
+        self._src_hist.record_stream(stream)  # made on this stream, read on the side one
+        if self._plan_worker is None:
+            self._plan_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lipcodec-plan")
+
+        def on_side_stream():
+            with torch.no_grad(), torch.cuda.stream(stream):  # grad mode and the stream are per thread
+                return job()
+
+        self._ahead = _Ahead(a, self._plan_worker.submit(on_side_stream), stream)
 
     def _denoise(self, x, sigma, idx: _ChunkIndex) -> torch.Tensor:
         """One step: x0 = x - sigma v on kept tokens, reused tokens restored from their reference."""
@@ -599,14 +631,19 @@ class StreamRunner:
         return temb, embed.time_proj(embed.act_fn(temb)).unflatten(1, (6, -1))  # (B, 6, D)
 
     def _block(self, i, block, hidden, proj, idx, step):
-        """WanTransformerBlock.forward with block-causal self-attention: the dense parts are
-        :func:`_block_in` and :func:`_block_out` (compiled with ``compile=True``), the
-        attention over the cache runs eagerly between them."""
-        query, key, key_raw, value = self._block_in(block, hidden, proj, *idx.rope)  # (B, Sk, H, D) each
-        attn = self._self_attention(i, query, key, key_raw, value, step)  # (B, Sk, H, D)
+        """WanTransformerBlock.forward with block-causal self-attention. A plain pass is one
+        :func:`_plain_block` (one compiled graph with ``compile=True``, the cache write and the
+        attention inside); the other passes run :func:`_block_in` and :func:`_block_out`
+        (compiled) with the recovery's attention over the cache eagerly between them."""
         text_k, text_v = self._text_kv[i]
         if text_k.shape[0] != hidden.shape[0]:
             text_k, text_v = text_k.expand(hidden.shape[0], -1, -1, -1), text_v.expand(hidden.shape[0], -1, -1, -1)
+        if step.plain:
+            cache = self._cache
+            return self._plain_block(block, hidden, proj, *idx.rope, cache.k[i], cache.v[i], step.start, text_k, text_v,
+                                     step.key_bias)
+        query, key, key_raw, value = self._block_in(block, hidden, proj, *idx.rope)  # (B, Sk, H, D) each
+        attn = self._self_attention(i, query, key, key_raw, value, step)  # (B, Sk, H, D)
         return self._block_out(block, hidden, attn, proj, text_k, text_v)
 
     def _self_attention(self, i, query, key, key_raw, value, step: _Pass) -> torch.Tensor:
@@ -623,8 +660,6 @@ class StreamRunner:
         cache_k[:, step.write] = torch.cat(keys, 1) if len(keys) > 1 else key  # the chunk's rows
         cache_v[:, step.write] = torch.cat(values, 1) if len(values) > 1 else value
         k, v = cache_k[:, : step.keys], cache_v[:, : step.keys]  # (B, Nk, H, D): [cache; chunk]
-        if step.runs is not None:
-            return proportional_attention(query, k[:, step.key_order], v[:, step.key_order], step.runs)
         return _sdpa(query, k, v)
 
     # -- positions -----------------------------------------------------------------------------
@@ -694,27 +729,37 @@ class StreamRunner:
     def _intra(self) -> bool:
         return isinstance(self.planner, str) and self.planner == "intra"
 
-    def _plan_rows(self, a: int, s: int) -> torch.Tensor:
-        """Stream token ids the chunk's tokens take their output from (itself = computed)."""
+    def _plan_inputs(self, a: int, s: int) -> _PlanInputs:
+        """What planning the chunk at frame ``a`` reads of the stream's state, taken now: the
+        planning context (frames [first, a + s)) and where the budget search starts."""
+        ctx, first = self.config.plan_context, self._hist_start
+        if ctx is not None:
+            first = max(first, a + self.config.chunk - ctx)
+        context = self._src_hist[:, :, first - self._hist_start : a + s - self._hist_start]
+        return _PlanInputs(context, first, self._threshold_scale, self._budget_planner)
+
+    def _plan_rows(self, a: int, s: int, inputs: _PlanInputs | None = None) -> _Planned:
+        """Stream token ids the chunk's tokens take their output from (itself = computed).
+        Reads only ``inputs`` of the stream's state, so a worker thread may run it."""
+        start = time.perf_counter()
         n = s * self.tpf
         ids = torch.arange(a * self.tpf, (a + s) * self.tpf, device=self.model.device)
         if self._intra or (a == 0 and self.config.first_chunk == "full"):
-            return ids
-        context = self._src_hist  # frames [hist_start, a + s)
+            return _Planned(ids, None, time.perf_counter() - start)
+        inputs = inputs or self._plan_inputs(a, s)
         planner, kwargs = self.planner, self.plan_kwargs
-        budget = self._budget_planner
+        budget = inputs.budget
         if budget is not None:  # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
             planner = attrs.evolve(
                 budget, budget_frames=s if budget.budget_frames is None else budget.budget_frames,
-                search_from=self._threshold_scale if budget.search_from is None else budget.search_from)
+                search_from=inputs.search_from if budget.search_from is None else budget.search_from)
             kwargs = self._plan_params[0]  # the planner's parameters are in it
         if self.motion is not None:  # the field from the context's first frame: latent frame f = pixel frame 4f
-            first = self._hist_start * kwargs.get("temporal_factor", TEMPORAL_FACTOR)
+            first = inputs.first * kwargs.get("temporal_factor", TEMPORAL_FACTOR)
             kwargs = {**kwargs, "motion": attrs.evolve(self.motion, vectors=self.motion.vectors[first:],
                                                        picture_types=self.motion.picture_types[first:])}
-        plan = make_plan(context, planner, gop=self.gop, patch_size=self.patch, **kwargs)
-        self._threshold_scale = plan.meta.get("threshold_scale", self._threshold_scale)
-        base = self._hist_start * self.tpf
+        plan = make_plan(inputs.context, planner, gop=self.gop, patch_size=self.patch, **kwargs)
+        base = inputs.first * self.tpf
         src = plan.source[-n:].to(ids.device) + base  # (N,)
         ahead = src // self.tpf > ids // self.tpf
         if ahead.any():
@@ -723,7 +768,7 @@ class StreamRunner:
                 f"planner {self.planner!r} made token {int(ids[i])} (frame {int(ids[i]) // self.tpf}) reuse token "
                 f"{int(src[i])} of a later frame: streaming plans may only reference the past (no B-frames)"
             )
-        return src
+        return _Planned(src, plan.meta.get("threshold_scale"), time.perf_counter() - start)
 
     def _remember_output(self, x0, src, a, s):
         if self._intra:
@@ -756,9 +801,9 @@ class StreamRunner:
         cache = self._cache
         used, sk = cache.used, int(keep.numel())
         passes = {}
-        key_order = runs = None  # the same key rows in both passes: their multiplicities too
+        key_bias = None  # the same key rows in both passes: their multiplicities too
         if mode == "proportional" and not identity:
-            key_order, runs = multiplicity_order(self._multiplicity(a, s, src, keep))
+            key_bias = self._multiplicity(a, s, src, keep).float().log().to(self._text_raw.dtype)[None, None, None]
         for phase in ("denoise", "clean"):
             dups = None if identity or mode in ("none", "proportional") else self._dups(a, s, src, keep, phase)
             d = 0 if dups is None else dups.count
@@ -768,7 +813,7 @@ class StreamRunner:
                 write = used + torch.cat([keep, dups.local_ids, dups.cache_ids])  # sorted frame rows
             else:
                 write = used + torch.arange(sk + d, device=device)
-            passes[phase] = _Pass(write, used + sk + d, dups, key_order, runs)
+            passes[phase] = _Pass(write, used, used + sk + d, dups, key_bias)
         cache.reserve(max(step.keys for step in passes.values()) - used)  # the rows this chunk writes
         restore = history = None
         if not identity:  # token i's x0 comes from row restore[i] of [chunk x0; history]
@@ -873,6 +918,24 @@ class StreamRunner:
         return rearrange(tokens, "b (f h w) (ph pw c) -> b c f (h ph) (w pw)", f=frames, h=h, w=w, ph=ph, pw=pw)
 
 
+def _plain_block(block, hidden, proj, cos, sin, cache_k, cache_v, start: int, text_k, text_v, key_bias=None):
+    """A whole Wan block whose chunk writes its K/V to cache rows [start, start + Sk) and
+    attends over rows [0, start + Sk): :func:`_block_in`, the write, SDPA, :func:`_block_out`.
+    ``key_bias`` (1, 1, 1, rows), proportional recovery's log c_j, is added to the logits
+    in the same fused SDPA call (cuDNN takes a broadcast bias; on an H200 it costs the
+    attention ~50%, against a call per run of equal multiplicity and a merge, eager).
+    One function, so ``torch.compile`` makes it one graph per block call (the write stays
+    in place: inductor stores the Sk new rows into the cache buffer, it does not copy it) -
+    half the compiled calls of the split path and none of its eager attention ops, which
+    is what bounds a pruned stream's speed on the host."""
+    query, key, _, value = _block_in(block, hidden, proj, cos, sin)  # (B, Sk, H, D) each
+    end = start + key.shape[1]
+    cache_k[:, start:end] = key
+    cache_v[:, start:end] = value
+    attn = _sdpa(query, cache_k[:, :end], cache_v[:, :end], bias=key_bias)  # (B, Sk, H, D)
+    return _block_out(block, hidden, attn, proj, text_k, text_v)
+
+
 def _block_in(block, hidden, proj, cos, sin):
     """A Wan block up to self-attention: modulated norm1, q/k/v projections, q/k norms, RoPE.
     Returns query and key rotated, the un-rotated key (what in-chunk duplicates copy) and
@@ -902,9 +965,11 @@ def _block_out(block, hidden, attn_out, proj, text_k, text_v):
     return (hidden.float() + block.ffn(norm).float() * c_gate).type_as(hidden)
 
 
-def _sdpa(q, k, v, scale=None) -> torch.Tensor:
-    """SDPA on (B, S, H, D) tensors, as diffusers' native attention backend calls it."""
-    out = F.scaled_dot_product_attention(q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3), scale=scale)
+def _sdpa(q, k, v, scale=None, bias=None) -> torch.Tensor:
+    """SDPA on (B, S, H, D) tensors, as diffusers' native attention backend calls it;
+    ``bias`` is added to the logits (broadcast to (B, H, Sq, Sk))."""
+    out = F.scaled_dot_product_attention(q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3),
+                                         attn_mask=bias, scale=scale)
     return out.permute(0, 2, 1, 3)  # (B, Sq, H, D)
 
 

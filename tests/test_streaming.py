@@ -16,7 +16,6 @@ Two references, both built on diffusers' own ``WanTransformer3DModel.forward``:
 from __future__ import annotations
 
 import copy
-import math
 
 import attrs
 import pytest
@@ -419,13 +418,19 @@ def test_pruned_stream_restores_references(model, recovery):
 
 
 @pytest.mark.needs_cxx
-def test_compiled_stream_matches_eager_without_recompiling(model):
-    """compile=True: the same stream to rounding, and one graph per compiled part (in, out)
-    for every kept count the chunks bring - dynamic shapes, no recompilation per chunk."""
+@pytest.mark.parametrize(("recovery", "graphs"), [("none", 2), ("proportional", 2), ("duplicate", 3)])
+def test_compiled_stream_matches_eager_without_recompiling(model, recovery, graphs):
+    """compile=True: the same stream to rounding, and no recompilation per chunk although
+    kept counts and cache lengths change (dynamic shapes). ``none`` runs whole blocks as one
+    graph (the cache write and attention inside): one for the first chunk, whose cache
+    starts empty (dynamo specializes a 0), one for every later chunk - ``proportional``
+    too, its later chunks with the multiplicities' bias; ``duplicate`` runs
+    that graph for its unpruned first chunk, then the dense parts around its eager
+    recovery attention (one graph each, in and out)."""
     from torch._dynamo.utils import counters
 
     x, text = video(12)
-    config = StreamConfig(chunk=3, window=4, recovery="duplicate")
+    config = StreamConfig(chunk=3, window=4, recovery=recovery)
     eager = stream(model, x, text, config, planner=SamePlace(0.5))
     torch._dynamo.reset()
     counters.clear()
@@ -433,7 +438,7 @@ def test_compiled_stream_matches_eager_without_recompiling(model):
     assert len({c.kept for c in compiled}) >= 3  # the kept count changes between chunks
     assert [c.kept for c in compiled] == [c.kept for c in eager]
     torch.testing.assert_close(cat(compiled), cat(eager), rtol=1e-4, atol=1e-4)
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_cache_grows_to_the_rows_in_use(model):
@@ -540,27 +545,28 @@ def test_bitstream_planner_gets_the_motion_its_context_covers(model, monkeypatch
 
     def spy(context, *args, **kwargs):
         field = kwargs["motion"]
-        seen.append((runner._hist_start, float(field.vectors[0, 0, 0, 0]), len(field.vectors), len(field.picture_types)))
+        seen.append((context.shape[2], float(field.vectors[0, 0, 0, 0]), len(field.vectors), len(field.picture_types)))
         return real(context, *args, **kwargs)
 
     monkeypatch.setattr(streaming, "make_plan", spy)
     runner = StreamRunner(model, text, StreamConfig(chunk=3, plan_context=6), planner="bitstream", motion=motion)
     chunks = runner.push(x)
     assert len(chunks) == 4 and len(seen) == 3  # chunk 0 is computed in full, unplanned
-    for start, first, n, types in seen:
+    starts = [0, 3, 6]  # chunk c's context: frames max(0, 3c + 3 - 6) .. 3c + 2 (the context slides)
+    for c, (start, (length, first, n, types)) in enumerate(zip(starts, seen), 1):
+        assert length == 3 * c + 3 - start
         assert first == 4 * start and n == types == frames - 4 * start
-    assert [start for start, *_ in seen] == [0, 3, 6]  # the context slid
     assert torch.isfinite(cat(chunks)).all()
 
 
 def test_proportional_multiplicities(model):
     """c_j per key row: 1 + the reused tokens of the cached frames and the chunk that copy it;
-    each pass orders the key rows in runs of equal multiplicity (attention.multiplicity_order)."""
+    both passes add log c_j to the logits of key row j."""
     x, text = video(6)
     runner = StreamRunner(model, text, StreamConfig(chunk=3, recovery="proportional"), planner=SamePlace(0.5))
     runner.push(x[:, :, :3])  # chunk 0: computed in full, 48 rows
     runner._remember_source(x[:, :, 3:])
-    src = runner._plan_rows(3, 3)
+    src = runner._plan_rows(3, 3).source
     idx = runner._index(3, 3, src)
     ids = torch.arange(48, 96)
     keep = ids[src == ids]
@@ -570,11 +576,8 @@ def test_proportional_multiplicities(model):
         expected[row[int(t)]] += 1
     assert expected.max() >= 2
     for step in (idx.denoise, idx.clean):
-        runs = step.runs
-        ordered = torch.cat([torch.full((end - start,), math.exp(c)) for start, end, c in runs.runs]
-                            + [runs.tail_log_mult.exp()])  # (keys,) c of each key in attention order
-        assert sorted(step.key_order.tolist()) == list(range(expected.numel()))
-        torch.testing.assert_close(ordered, expected[step.key_order])
+        assert step.plain and step.keys == expected.numel()
+        torch.testing.assert_close(step.key_bias, expected.log()[None, None, None])
 
 
 def test_target_kept_is_each_chunks_budget(model):
@@ -627,6 +630,32 @@ def test_plan_ahead_changes_when_planning_happens_not_the_stream(model, device):
     one_by_one = [c for a in range(0, 14, 3) for c in runner.push(x[:, :, a : a + 3])] + runner.flush()
     assert not any(c.planned_ahead for c in one_by_one)
     assert torch.equal(cat(one_by_one), cat(on))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the planning thread)"))])
+def test_plan_ahead_failure_fails_the_push_that_needs_the_plan(model, device):
+    """A planner that fails while planning ahead (on CUDA in the planning thread) fails the
+    push with the planner's own error, and the runner, reset, streams again."""
+
+    class FailsOnce(SamePlace):
+        calls = 0
+
+        def __call__(self, ctx):
+            FailsOnce.calls += 1
+            if FailsOnce.calls == 2:
+                raise RuntimeError("planner failed on purpose")
+            return super().__call__(ctx)
+
+    x, text = video(9)
+    net = copy.deepcopy(model).to(device)
+    runner = StreamRunner(net, text.to(device), StreamConfig(chunk=3), planner=FailsOnce(0.5))
+    with pytest.raises(RuntimeError, match="planner failed on purpose"):
+        runner.push(x.to(device))  # chunk 1 planned ahead (call 1), then chunk 2 (call 2)
+    assert FailsOnce.calls == 2
+    runner.reset()
+    again = runner.push(x.to(device))  # calls 3 and 4
+    assert [c.planned_ahead for c in again] == [False, True, True]
 
 
 def test_streaming_benchmark_smoke(tmp_path, repo_script):
