@@ -319,11 +319,6 @@ class _Pass:
     dups: _Dups | None
     key_bias: torch.Tensor | None  # (1, 1, 1, keys) proportional: log c_j of every key row, model dtype
 
-    @property
-    def plain(self) -> bool:
-        """The kept tokens' K/V go to rows [start, keys), in order, and no duplicates join
-        them as keys: every pass of ``none`` and ``proportional``, and of unpruned chunks."""
-        return self.dups is None
 
 
 @attrs.define(eq=False)
@@ -358,11 +353,10 @@ class StreamRunner:
             ``target_kept`` (a parameter, or set on a planner object) is each new chunk's
             budget (the planner sees more context).
             B-frames are refused: they reference frames that have not arrived.
-        compile: ``torch.compile`` every block with dynamic shapes, so kept counts that
-            change from chunk to chunk reuse one compiled graph: whole blocks, cache write
-            and attention included (``none``, ``proportional``, unpruned chunks); for
-            ``duplicate`` and ``clean`` the dense parts around their eager gathers and
-            re-rotation of duplicated keys. Results match eager to rounding, not bit for bit.
+        compile: ``torch.compile`` every block, cache write and attention included, with
+            dynamic shapes, so kept counts that change from chunk to chunk reuse a compiled
+            graph (:func:`_block_with_cache`). Results match eager to rounding, not bit for
+            bit.
         motion: the source's codec motion vectors (``read_video(path, motion=True).motion``,
             pixel frame 0 = the stream's first frame), for the ``bitstream`` planner: each
             chunk's planner gets the part of the field its plan context covers.
@@ -373,10 +367,7 @@ class StreamRunner:
                  motion: MotionField | None = None, **plan_kwargs):
         self.model = model
         self.motion = motion
-        parts = (_plain_block, _block_in, _block_out)
-        self._plain_block, self._block_in, self._block_out = (
-            tuple(torch.compile(part, dynamic=True) for part in parts) if compile else parts
-        )
+        self._block_with_cache = torch.compile(_block_with_cache, dynamic=True) if compile else _block_with_cache
         self.config = config or StreamConfig()
         cfg = model.config
         if tuple(cfg.patch_size)[0] != 1:
@@ -631,36 +622,16 @@ class StreamRunner:
         return temb, embed.time_proj(embed.act_fn(temb)).unflatten(1, (6, -1))  # (B, 6, D)
 
     def _block(self, i, block, hidden, proj, idx, step):
-        """WanTransformerBlock.forward with block-causal self-attention. A plain pass is one
-        :func:`_plain_block` (one compiled graph with ``compile=True``, the cache write and the
-        attention inside); the other passes run :func:`_block_in` and :func:`_block_out`
-        (compiled) with the recovery's attention over the cache eagerly between them."""
+        """WanTransformerBlock.forward with block-causal self-attention: one
+        :func:`_block_with_cache` call (one compiled graph with ``compile=True``)."""
         text_k, text_v = self._text_kv[i]
         if text_k.shape[0] != hidden.shape[0]:
             text_k, text_v = text_k.expand(hidden.shape[0], -1, -1, -1), text_v.expand(hidden.shape[0], -1, -1, -1)
-        if step.plain:
-            cache = self._cache
-            return self._plain_block(block, hidden, proj, *idx.rope, cache.k[i], cache.v[i], step.start, text_k, text_v,
-                                     step.key_bias)
-        query, key, key_raw, value = self._block_in(block, hidden, proj, *idx.rope)  # (B, Sk, H, D) each
-        attn = self._self_attention(i, query, key, key_raw, value, step)  # (B, Sk, H, D)
-        return self._block_out(block, hidden, attn, proj, text_k, text_v)
-
-    def _self_attention(self, i, query, key, key_raw, value, step: _Pass) -> torch.Tensor:
-        """Write the chunk's K/V rows into block i's cache, attend over [cache; chunk]."""
-        cache_k, cache_v = self._cache.k[i], self._cache.v[i]
-        keys, values = [key], [value]
         dups = step.dups
-        if dups is not None and dups.local_ids.numel():
-            keys.append(rotate(key_raw[:, dups.local_src], *dups.local_rope))  # (B, Sl, H, D) at their positions
-            values.append(value[:, dups.local_src])
-        if dups is not None and dups.cache_ids.numel():
-            keys.append(rotate(cache_k[:, dups.cache_rows], *dups.cache_rope))  # (B, Sc, H, D) re-rotated
-            values.append(cache_v[:, dups.cache_rows])
-        cache_k[:, step.write] = torch.cat(keys, 1) if len(keys) > 1 else key  # the chunk's rows
-        cache_v[:, step.write] = torch.cat(values, 1) if len(values) > 1 else value
-        k, v = cache_k[:, : step.keys], cache_v[:, : step.keys]  # (B, Nk, H, D): [cache; chunk]
-        return _sdpa(query, k, v)
+        copies = None if dups is None else (step.write, dups.local_src, *dups.local_rope, dups.cache_rows, *dups.cache_rope)
+        cache = self._cache
+        return self._block_with_cache(block, hidden, proj, *idx.rope, cache.k[i], cache.v[i], step.start, text_k, text_v,
+                                      step.key_bias, copies)
 
     # -- positions -----------------------------------------------------------------------------
     def _rope(self, t_pos, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
@@ -918,20 +889,34 @@ class StreamRunner:
         return rearrange(tokens, "b (f h w) (ph pw c) -> b c f (h ph) (w pw)", f=frames, h=h, w=w, ph=ph, pw=pw)
 
 
-def _plain_block(block, hidden, proj, cos, sin, cache_k, cache_v, start: int, text_k, text_v, key_bias=None):
-    """A whole Wan block whose chunk writes its K/V to cache rows [start, start + Sk) and
-    attends over rows [0, start + Sk): :func:`_block_in`, the write, SDPA, :func:`_block_out`.
-    ``key_bias`` (1, 1, 1, rows), proportional recovery's log c_j, is added to the logits
-    in the same fused SDPA call (cuDNN takes a broadcast bias; on an H200 it costs the
-    attention ~50%, against a call per run of equal multiplicity and a merge, eager).
-    One function, so ``torch.compile`` makes it one graph per block call (the write stays
-    in place: inductor stores the Sk new rows into the cache buffer, it does not copy it) -
-    half the compiled calls of the split path and none of its eager attention ops, which
-    is what bounds a pruned stream's speed on the host."""
-    query, key, _, value = _block_in(block, hidden, proj, cos, sin)  # (B, Sk, H, D) each
-    end = start + key.shape[1]
-    cache_k[:, start:end] = key
-    cache_v[:, start:end] = value
+def _block_with_cache(block, hidden, proj, cos, sin, cache_k, cache_v, start: int, text_k, text_v, key_bias=None,
+                      copies=None):
+    """A whole Wan block over the chunk's kept tokens (B, Sk, D), the cache as extra keys:
+    :func:`_block_in`, the chunk's K/V written into the cache, one SDPA over cache rows
+    [0, end), :func:`_block_out`. One function, so ``torch.compile`` makes one graph of it
+    per block call, the cache writes in place (inductor stores the new rows; it does not
+    copy the buffer): no eager op between the compiled parts, which is what bounded a
+    pruned stream's speed on the host.
+
+    Without ``copies`` the kept rows go to [start, start + Sk). With them (``duplicate``,
+    ``clean``: write rows, then the local copies' kept rows and RoPE, then the cached
+    copies' rows and the rotation from their position to the reused token's), reused
+    tokens join as keys: un-rotated K of this pass rotated to their own position, or cached
+    K re-rotated, with the values copied; [kept; local; cached] go to the write rows (all
+    at or after ``start``; the cached ones read are before it). ``key_bias`` (1, 1, 1, end),
+    proportional recovery's log c_j, is added to the logits in the same fused call (cuDNN
+    takes a broadcast bias; on an H200 the call takes ~50% longer)."""
+    query, key, key_raw, value = _block_in(block, hidden, proj, cos, sin)  # (B, Sk, H, D) each
+    if copies is None:
+        end = start + key.shape[1]
+        cache_k[:, start:end] = key
+        cache_v[:, start:end] = value
+    else:
+        write, local_src, local_cos, local_sin, cache_rows, cache_cos, cache_sin = copies
+        end = start + write.shape[0]
+        cache_k[:, write] = torch.cat([key, rotate(key_raw[:, local_src], local_cos, local_sin),
+                                       rotate(cache_k[:, cache_rows], cache_cos, cache_sin)], 1)
+        cache_v[:, write] = torch.cat([value, value[:, local_src], cache_v[:, cache_rows]], 1)
     attn = _sdpa(query, cache_k[:, :end], cache_v[:, :end], bias=key_bias)  # (B, Sk, H, D)
     return _block_out(block, hidden, attn, proj, text_k, text_v)
 

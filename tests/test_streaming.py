@@ -418,15 +418,15 @@ def test_pruned_stream_restores_references(model, recovery):
 
 
 @pytest.mark.needs_cxx
-@pytest.mark.parametrize(("recovery", "graphs"), [("none", 2), ("proportional", 2), ("duplicate", 3)])
+@pytest.mark.parametrize(("recovery", "graphs"), [("none", 2), ("proportional", 2), ("duplicate", 2), ("clean", 3)])
 def test_compiled_stream_matches_eager_without_recompiling(model, recovery, graphs):
     """compile=True: the same stream to rounding, and no recompilation per chunk although
-    kept counts and cache lengths change (dynamic shapes). ``none`` runs whole blocks as one
-    graph (the cache write and attention inside): one for the first chunk, whose cache
-    starts empty (dynamo specializes a 0), one for every later chunk - ``proportional``
-    too, its later chunks with the multiplicities' bias; ``duplicate`` runs
-    that graph for its unpruned first chunk, then the dense parts around its eager
-    recovery attention (one graph each, in and out)."""
+    kept counts, cache lengths and copy counts change (dynamic shapes). Each block is one
+    graph, the cache writes and the attention inside: one for the first chunk (unpruned,
+    its cache empty: dynamo specializes the 0), one for every later chunk - with the
+    multiplicities' bias for ``proportional``, the copied keys for ``duplicate``/``clean``
+    (``clean``'s denoising steps copy only cached keys: no local copies, another 0, a third
+    graph)."""
     from torch._dynamo.utils import counters
 
     x, text = video(12)
@@ -576,7 +576,7 @@ def test_proportional_multiplicities(model):
         expected[row[int(t)]] += 1
     assert expected.max() >= 2
     for step in (idx.denoise, idx.clean):
-        assert step.plain and step.keys == expected.numel()
+        assert step.dups is None and step.keys == expected.numel()
         torch.testing.assert_close(step.key_bias, expected.log()[None, None, None])
 
 
