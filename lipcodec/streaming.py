@@ -320,7 +320,6 @@ class _Pass:
     key_bias: torch.Tensor | None  # (1, 1, 1, keys) proportional: log c_j of every key row, model dtype
 
 
-
 @attrs.define(eq=False)
 class _ChunkIndex:
     keep: torch.Tensor  # (Sk,) chunk-local ids of computed tokens

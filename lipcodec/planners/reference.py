@@ -102,7 +102,7 @@ class ReferencePlanner:
     # -- the engine --------------------------------------------------------------------------
     def __call__(self, ctx: PlanContext) -> Plan:
         tokens = ctx.tokens()  # (F, H, W, D)
-        cache: dict = {}  # (t, r) -> Match; schedule letters -> score volume
+        cache: dict = {}  # (t, r) -> Match; schedule letters -> _References; "change" -> (F - 1, HW)
 
         def matches(pairs):
             todo = [p for p in dict.fromkeys(pairs) if p not in cache]
@@ -129,13 +129,43 @@ class ReferencePlanner:
         # 1. scene cuts and B-frame adaptation look at frame-to-frame change
         change = None
         if f > 1 and (gop.scenecut or gop.b_adapt):
-            previous = matches([(t, t - 1) for t in range(1, f)])
-            changed = torch.stack([m.distance for m in previous]) > tau  # (F - 1, HW)
+            if "change" not in cache:
+                cache["change"] = torch.stack([m.distance for m in matches([(t, t - 1) for t in range(1, f)])])
+            changed = cache["change"] > tau  # (F - 1, HW)
             change = [0.0] + changed.float().mean(1).tolist()  # one device sync
         cuts = [t for t in range(1, f) if gop.scenecut and change[t] * 100 > 100 - gop.scenecut]
         schedule = Schedule.from_gop(gop, f, cuts=cuts, change=change)
 
-        # 2. best reference per token over the allowed references
+        # 2. best reference per token and the change score: they depend on the schedule, not
+        # on the thresholds, so a budget search makes them once per schedule
+        if schedule.types not in cache:
+            cache[schedule.types] = self._references(ctx, matches, schedule, device)
+        refs = cache[schedule.types]
+        best_distance, best_source, keyframe = refs.distance, refs.source, refs.keyframe
+
+        # 3. decide, guard, clean up, resolve
+        short_reuse = refs.score <= tau
+        reuse = short_reuse & refs.eligible
+        flat = tokens.reshape(f * hw, -1)
+        memo = _GuardMemo(f * hw, device)  # the second resolve re-checks mostly the same pairs
+        if tau2 is not None:  # a chain that ends at the direct reference: its match distance
+            memo.final, memo.ok = best_source.flatten().clone(), (best_distance <= tau2).flatten()
+        source = _resolve(schedule, flat, best_source, reuse, tau2, self.trim, memo)
+        # keyframes are computed by type, not by change: in the clean-up they vote with their
+        # own change against the previous frame; they are forced back to computed below
+        reused = (source != refs.ids).reshape(f, hw)
+        reused = torch.where(keyframe[:, None], short_reuse, reused)
+        final = self.postprocess(reused.reshape(f, grid.height, grid.width))
+        final = final.reshape(f, hw) & refs.eligible
+        if not torch.equal(final.flatten(), source != refs.ids):  # clean-up changed it
+            source = _resolve(schedule, flat, best_source, final, tau2 if self.reverify else None, self.trim, memo)
+        return Decision(source, schedule, scale)
+
+    def _references(self, ctx, matches, schedule: Schedule, device) -> _References:
+        """Best reference per token over the allowed references (keyframes: none), and the
+        change score the decision thresholds."""
+        grid = ctx.grid
+        f, hw = grid.frames, grid.tokens_per_frame
         best_distance = torch.full((f, hw), math.inf, device=device)
         best_source = torch.arange(f * hw, device=device).reshape(f, hw)
         pairs = [(t, r) for t in range(f) for r in schedule.refs[t]]
@@ -152,32 +182,14 @@ class ReferencePlanner:
             best_distance = torch.where(has_ref, slots.gather(1, pick)[:, 0], best_distance)
             best_source = torch.where(has_ref, ids.gather(1, pick)[:, 0], best_source)
         # keyframes have no reference; for filters that look back, use the change to t-1
-        if schedule.types not in cache:  # the score does not depend on the thresholds
-            short_term = best_distance.clone()
-            for t in range(f):
-                if not schedule.refs[t]:
-                    short_term[t] = matches([(t, t - 1)])[0].distance if t > 0 else 0.0
-            short_term = short_term.nan_to_num(posinf=1e6).reshape(grid.frames, grid.height, grid.width)
-            cache[schedule.types] = self.score(ctx, short_term).reshape(f, hw)
-
-        # 3. decide, guard, clean up, resolve
+        short_term = best_distance.clone()
+        for t in range(f):
+            if not schedule.refs[t]:
+                short_term[t] = matches([(t, t - 1)])[0].distance if t > 0 else 0.0
+        short_term = short_term.nan_to_num(posinf=1e6).reshape(grid.frames, grid.height, grid.width)
         keyframe = torch.tensor([not refs for refs in schedule.refs], device=device)
-        short_reuse = cache[schedule.types] <= tau
-        reuse = short_reuse & torch.isfinite(best_distance) & ~keyframe[:, None]
-        flat = tokens.reshape(f * hw, -1)
-        memo = _GuardMemo(f * hw, device)  # the second resolve re-checks mostly the same pairs
-        if tau2 is not None:  # a chain that ends at the direct reference: its match distance
-            memo.final, memo.ok = best_source.flatten().clone(), (best_distance <= tau2).flatten()
-        source = _resolve(schedule, flat, best_source, reuse, tau2, self.trim, memo)
-        # keyframes are computed by type, not by change: in the clean-up they vote with their
-        # own change against the previous frame; they are forced back to computed below
-        reused = (source != torch.arange(f * hw, device=device)).reshape(f, hw)
-        reused = torch.where(keyframe[:, None], short_reuse, reused)
-        final = self.postprocess(reused.reshape(f, grid.height, grid.width))
-        final = final.reshape(f, hw) & torch.isfinite(best_distance) & ~keyframe[:, None]
-        if not torch.equal(final.flatten(), source != torch.arange(f * hw, device=device)):  # clean-up changed it
-            source = _resolve(schedule, flat, best_source, final, tau2 if self.reverify else None, self.trim, memo)
-        return Decision(source, schedule, scale)
+        return _References(best_distance, best_source, keyframe, self.score(ctx, short_term).reshape(f, hw),
+                           torch.isfinite(best_distance) & ~keyframe[:, None], torch.arange(f * hw, device=device))
 
     def _search_budget(self, ctx, tokens, matches, cache) -> Decision:
         """Search a common scale of the thresholds (log2 space) for ``target_kept``: bracket
@@ -232,6 +244,18 @@ class ReferencePlanner:
                 e_lo = e_lo / 2 if e_lo is not None and moved == "hi" else e_lo
                 moved = "hi"
         return found[0]
+
+
+@attrs.frozen
+class _References:
+    """What a decision needs that does not depend on the thresholds, per schedule."""
+
+    distance: torch.Tensor  # (F, HW) distance to the best reference; inf for keyframes
+    source: torch.Tensor  # (F, HW) token id of the best reference (itself for keyframes)
+    keyframe: torch.Tensor  # (F,) bool
+    score: torch.Tensor  # (F, HW) the planner's change score (reuse where <= tau1)
+    eligible: torch.Tensor  # (F, HW) has a reference and is not in a keyframe
+    ids: torch.Tensor  # (F * HW,) arange: token ids
 
 
 @attrs.frozen
