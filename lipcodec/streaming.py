@@ -190,7 +190,6 @@ class _Ahead:
     """A chunk's plan being made ahead: on a worker thread and the side CUDA ``stream``
     (None: the CPU, where it was made in place and ``made`` is already done)."""
 
-    start: int  # the chunk's first stream frame
     made: concurrent.futures.Future  # -> _Planned
     stream: object
 
@@ -564,7 +563,7 @@ class StreamRunner:
         if not source.is_cuda:
             made = concurrent.futures.Future()
             made.set_result(job())
-            self._ahead = _Ahead(a, made, None)
+            self._ahead = _Ahead(made, None)
             return
         stream = self._plan_stream = self._plan_stream or torch.cuda.Stream(source.device)
         stream.wait_stream(torch.cuda.current_stream(source.device))  # the pushed frames are on the GPU
@@ -576,7 +575,7 @@ class StreamRunner:
             with torch.no_grad(), torch.cuda.stream(stream):  # grad mode and the stream are per thread
                 return job()
 
-        self._ahead = _Ahead(a, self._plan_worker.submit(on_side_stream), stream)
+        self._ahead = _Ahead(self._plan_worker.submit(on_side_stream), stream)
 
     def _denoise(self, x, sigma, idx: _ChunkIndex) -> torch.Tensor:
         """One step: x0 = x - sigma v on kept tokens, reused tokens restored from their reference."""
