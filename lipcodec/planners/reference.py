@@ -102,7 +102,7 @@ class ReferencePlanner:
     # -- the engine --------------------------------------------------------------------------
     def __call__(self, ctx: PlanContext) -> Plan:
         tokens = ctx.tokens()  # (F, H, W, D)
-        cache: dict = {}  # (t, r) -> Match; schedule letters -> _References; "change" -> (F - 1, HW)
+        cache: dict = {}  # (t, r) -> Match; ("references", schedule letters) -> _References; ("change",) -> (F - 1, HW)
 
         def matches(pairs):
             todo = [p for p in dict.fromkeys(pairs) if p not in cache]
@@ -129,18 +129,19 @@ class ReferencePlanner:
         # 1. scene cuts and B-frame adaptation look at frame-to-frame change
         change = None
         if f > 1 and (gop.scenecut or gop.b_adapt):
-            if "change" not in cache:
-                cache["change"] = torch.stack([m.distance for m in matches([(t, t - 1) for t in range(1, f)])])
-            changed = cache["change"] > tau  # (F - 1, HW)
+            if ("change",) not in cache:
+                cache["change",] = torch.stack([m.distance for m in matches([(t, t - 1) for t in range(1, f)])])
+            changed = cache["change",] > tau  # (F - 1, HW)
             change = [0.0] + changed.float().mean(1).tolist()  # one device sync
         cuts = [t for t in range(1, f) if gop.scenecut and change[t] * 100 > 100 - gop.scenecut]
         schedule = Schedule.from_gop(gop, f, cuts=cuts, change=change)
 
         # 2. best reference per token and the change score: they depend on the schedule, not
         # on the thresholds, so a budget search makes them once per schedule
-        if schedule.types not in cache:
-            cache[schedule.types] = self._references(ctx, matches, schedule, device)
-        refs = cache[schedule.types]
+        key = ("references", schedule.types)
+        if key not in cache:
+            cache[key] = self._references(ctx, matches, schedule, device)
+        refs = cache[key]
         best_distance, best_source, keyframe = refs.distance, refs.source, refs.keyframe
 
         # 3. decide, guard, clean up, resolve
