@@ -418,8 +418,10 @@ def test_pruned_stream_restores_references(model, recovery):
 
 
 @pytest.mark.needs_cxx
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (inductor's GPU code for the cache writes)"))])
 @pytest.mark.parametrize(("recovery", "graphs"), [("none", 2), ("proportional", 2), ("duplicate", 2), ("clean", 3)])
-def test_compiled_stream_matches_eager_without_recompiling(model, recovery, graphs):
+def test_compiled_stream_matches_eager_without_recompiling(model, recovery, graphs, device):
     """compile=True: the same stream to rounding, and no recompilation per chunk although
     kept counts, cache lengths and copy counts change (dynamic shapes). Each block is one
     graph, the cache writes and the attention inside: one for the first chunk (unpruned,
@@ -430,14 +432,15 @@ def test_compiled_stream_matches_eager_without_recompiling(model, recovery, grap
     from torch._dynamo.utils import counters
 
     x, text = video(12)
+    net, x, text = copy.deepcopy(model).to(device), x.to(device), text.to(device)
     config = StreamConfig(chunk=3, window=4, recovery=recovery)
-    eager = stream(model, x, text, config, planner=SamePlace(0.5))
+    eager = stream(net, x, text, config, planner=SamePlace(0.5))
     torch._dynamo.reset()
     counters.clear()
-    compiled = stream(model, x, text, config, planner=SamePlace(0.5), compile=True)
+    compiled = stream(net, x, text, config, planner=SamePlace(0.5), compile=True)
     assert len({c.kept for c in compiled}) >= 3  # the kept count changes between chunks
     assert [c.kept for c in compiled] == [c.kept for c in eager]
-    torch.testing.assert_close(cat(compiled), cat(eager), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cat(compiled).cpu(), cat(eager).cpu(), rtol=1e-4, atol=1e-4)
     assert counters["stats"]["unique_graphs"] == graphs
 
 
