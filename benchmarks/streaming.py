@@ -54,6 +54,7 @@ import json
 import math
 import platform
 
+import attrs
 import numpy as np
 import torch
 from diffusers import WanTransformer3DModel
@@ -76,6 +77,19 @@ def clip_latents(frames: int, size: tuple[int, int]) -> torch.Tensor:
     loop = np.concatenate([pixels, pixels[-2:0:-1]])  # forward then back, no repeated end frames
     pixels = np.concatenate([loop] * math.ceil(need / len(loop)))[:need]
     return pixel_proxy_latents(pixels)[None]  # (1, 16, F, H/8, W/8)
+
+
+@attrs.frozen
+class Row:
+    """One row of the table: how it streams, and what it is compared with."""
+
+    name: str
+    config: StreamConfig
+    plan: dict = attrs.field(factory=dict)  # planner keywords (none: unpruned)
+    clip: torch.Tensor | None = None  # None: the full clip
+    recovery: str | None = None
+    kept: float | None = None  # the token share, when the chunks do not report it (ceiling rows)
+    ceiling: bool = False
 
 
 def stream(model, source, text, config, compile=False, **planner):
@@ -131,17 +145,26 @@ def main(argv=None):
     base = StreamConfig.editing(first_chunk=args.first_chunk)
     print(f"latents {tuple(source.shape)}, {frames * 4} output pixel frames, device {device} {dtype}", flush=True)
 
-    def timed(config, clip=source, **plan_kwargs):
-        """Each configuration streams the clip once untimed (every new sequence length pays
-        one-time kernel setup, e.g. a cuDNN execution plan, and --compile the compilation),
-        then ``--repeats`` times; the run of median wall time is reported, with every run's
-        end-to-end FPS beside it (timings of host-bound rows scatter from run to run)."""
-        stream(model, clip, text, config, args.compile, **plan_kwargs)
-        runs = [stream(model, clip, text, config, args.compile, **plan_kwargs) for _ in range(args.repeats)]
-        walls = [sum(c.seconds for c in chunks) for _, chunks, _ in runs]
-        latents, chunks, _ = runs[int(np.argsort(walls)[len(walls) // 2])]
-        return latents, chunks, max(peak for _, _, peak in runs), [frames * 4 / w for w in walls], (
-            kernel_ms(config, clip, **plan_kwargs) if args.kernel_time else (None, None))
+    def timed(specs) -> list[tuple]:
+        """Every row streams its clip once untimed (every new sequence length pays one-time
+        kernel setup, e.g. a cuDNN execution plan, and --compile the compilation), then the
+        rows take turns, ``--repeats`` rounds of one stream each - so a host that drifts
+        during the run (host-bound rows scatter from run to run) shifts every row alike.
+        Per row: the run of median wall time, the peak memory, every run's end-to-end FPS,
+        and with --kernel-time the GPU time of one more, profiled stream."""
+        for spec in specs:
+            stream(model, spec.clip, text, spec.config, args.compile, **spec.plan)
+        runs = {spec.name: [] for spec in specs}
+        for _ in range(args.repeats):
+            for spec in specs:
+                runs[spec.name].append(stream(model, spec.clip, text, spec.config, args.compile, **spec.plan))
+        out = []
+        for spec in specs:
+            walls = [sum(c.seconds for c in chunks) for _, chunks, _ in runs[spec.name]]
+            latents, chunks, _ = runs[spec.name][int(np.argsort(walls)[len(walls) // 2])]
+            out.append((latents, chunks, max(peak for _, _, peak in runs[spec.name]), [frames * 4 / w for w in walls],
+                        kernel_ms(spec.config, spec.clip, **spec.plan) if args.kernel_time else (None, None)))
+        return out
 
     def kernel_ms(config, clip, **plan_kwargs) -> tuple[float, float]:
         """GPU kernel time per chunk of one more stream, from the profiler's device events:
@@ -156,8 +179,22 @@ def main(argv=None):
         total, main_stream = sum(per_stream.values()), max(per_stream.values())
         return total / 1e6 / len(chunks), (total - main_stream) / 1e6 / len(chunks)
 
-    reference, chunks, peak, fps_runs, gpu = timed(base)
-    rows = []
+    pruned = {"planner": "lipar", "target_kept": args.target_kept}
+    specs = [Row("unpruned", base), Row("unpruned full cache", StreamConfig.editing(window=None))]
+    specs += [Row(f"lipar {mode}", StreamConfig.editing(recovery=mode, first_chunk=args.first_chunk), plan=pruned,
+                  recovery=mode) for mode in args.modes]
+    if "none" in args.modes:
+        specs.append(Row("lipar none, planned in place", attrs.evolve(specs[2 + args.modes.index("none")].config,
+                                                                        plan_ahead=False), plan=pruned, recovery="none"))
+    cols = source.shape[-1] // 2  # token columns (patch 2)
+    for share in ceilings:
+        keep = max(1, round(share * cols))
+        specs.append(Row(f"ceiling {keep / cols:.0%} of tokens", base, clip=source[..., : 2 * keep], kept=keep / cols,
+                         ceiling=True))  # kept: the share of the full frame's tokens it computes
+    with torch.no_grad():
+        measured = timed([attrs.evolve(spec, clip=source) if spec.clip is None else spec for spec in specs])
+    reference = measured[0][0]
+    rows, ceiling = [], []
 
     def record(name, latents, chunks, peak, fps_runs, gpu, recovery=None, reference=reference, kept=None):
         gpu_ms, plan_gpu_ms = gpu
@@ -192,22 +229,10 @@ def main(argv=None):
               f"plan {row['plan_ms']:6.1f} ms  peak {peak:6.2f} GiB  "
               f"(runs {min(fps_runs):.1f}-{max(fps_runs):.1f} fps w/ plan)", flush=True)
 
-    with torch.no_grad():
-        record("unpruned", reference, chunks, peak, fps_runs, gpu)
-        record("unpruned full cache", *timed(StreamConfig.editing(window=None)))
-        for mode in args.modes:
-            config = StreamConfig.editing(recovery=mode, first_chunk=args.first_chunk)
-            out = timed(config, planner="lipar", target_kept=args.target_kept)
-            record(f"lipar {mode}", *out, recovery=mode)
-        if "none" in args.modes:
-            config = StreamConfig.editing(recovery="none", first_chunk=args.first_chunk, plan_ahead=False)
-            record("lipar none, planned in place", *timed(config, planner="lipar", target_kept=args.target_kept),
-                   recovery="none")
-        cols, ceiling = source.shape[-1] // 2, []  # token columns (patch 2)
-        for share in ceilings:
-            keep = max(1, round(share * cols))
-            record(f"ceiling {keep / cols:.0%} of tokens", *timed(base, source[..., : 2 * keep]), reference=None,
-                   kept=keep / cols)  # the share of the full frame's tokens it computes
+    for spec, out in zip(specs, measured):
+        record(spec.name, *out, recovery=spec.recovery, kept=spec.kept,
+               **({"reference": None} if spec.ceiling else {}))  # a ceiling row has another frame size
+        if spec.ceiling:
             ceiling.append(rows[-1])
 
     pearson = None
