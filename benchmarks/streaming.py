@@ -153,15 +153,19 @@ def main(argv=None):
         Per row: the run of median wall time, the peak memory, every run's end-to-end FPS,
         and with --kernel-time the GPU time of one more, profiled stream."""
         for spec in specs:
+            print(f"  warm-up: {spec.name}", flush=True)
             stream(model, spec.clip, text, spec.config, args.compile, **spec.plan)
         runs = {spec.name: [] for spec in specs}
-        for _ in range(args.repeats):
+        for i in range(args.repeats):
+            print(f"  round {i + 1}/{args.repeats}: every row once", flush=True)
             for spec in specs:
                 runs[spec.name].append(stream(model, spec.clip, text, spec.config, args.compile, **spec.plan))
         out = []
         for spec in specs:
             walls = [sum(c.seconds for c in chunks) for _, chunks, _ in runs[spec.name]]
             latents, chunks, _ = runs[spec.name][int(np.argsort(walls)[len(walls) // 2])]
+            if args.kernel_time:
+                print(f"  kernel time: {spec.name}", flush=True)
             out.append((latents, chunks, max(peak for _, _, peak in runs[spec.name]), [frames * 4 / w for w in walls],
                         kernel_ms(spec.config, spec.clip, **spec.plan) if args.kernel_time else (None, None)))
         return out
