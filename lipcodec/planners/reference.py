@@ -347,9 +347,10 @@ def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _Gu
         final = hops[-1]
         if tau2 is None:
             return final
-        linked = parent != ids
-        bad = candidate & linked & ~memo.check(flat, None, final, tau2, trim)
-        before = bad[parent] & linked  # some token before it on its chain fails
+        # linked tokens are candidates (others point at themselves), and a chain's root is
+        # never bad: neither needs masking again
+        bad = (parent != ids) & ~memo.check(flat, None, final, tau2, trim)
+        before = bad[parent]  # some token before it on its chain fails
         for hop in hops[:-1]:
             before = before | before[hop]
         first = bad & ~before
