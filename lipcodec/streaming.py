@@ -312,7 +312,7 @@ class _Dups:
 class _Pass:
     """What one forward over the chunk needs (denoising steps share one, the clean pass another)."""
 
-    write: torch.Tensor  # (n,) cache rows the [kept; local dups; cache dups] K/V go to
+    write: torch.Tensor | None  # with dups: (n,) cache rows the [kept; local dups; cache dups] K/V go to
     start: int  # the rows the cache held before the chunk
     keys: int  # attention sees cache rows [0, keys)
     dups: _Dups | None
@@ -780,8 +780,10 @@ class StreamRunner:
                 if sk + d != n:
                     raise RuntimeError(f"clean pass covers {sk + d} of {n} tokens (bug: report it)")
                 write = used + torch.cat([keep, dups.local_ids, dups.cache_ids])  # sorted frame rows
-            else:
+            elif dups is not None:
                 write = used + torch.arange(sk + d, device=device)
+            else:  # the kept rows go to [used, used + sk) as a slice
+                write = None
             passes[phase] = _Pass(write, used, used + sk + d, dups, key_bias)
         cache.reserve(max(step.keys for step in passes.values()) - used)  # the rows this chunk writes
         restore = history = None
@@ -948,11 +950,11 @@ def _block_out(block, hidden, attn_out, proj, text_k, text_v):
     return (hidden.float() + block.ffn(norm).float() * c_gate).type_as(hidden)
 
 
-def _sdpa(q, k, v, scale=None, bias=None) -> torch.Tensor:
+def _sdpa(q, k, v, bias=None) -> torch.Tensor:
     """SDPA on (B, S, H, D) tensors, as diffusers' native attention backend calls it;
     ``bias`` is added to the logits (broadcast to (B, H, Sq, Sk))."""
     out = F.scaled_dot_product_attention(q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3),
-                                         attn_mask=bias, scale=scale)
+                                         attn_mask=bias)
     return out.permute(0, 2, 1, 3)  # (B, Sq, H, D)
 
 
