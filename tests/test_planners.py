@@ -376,9 +376,18 @@ def test_resolve_in_rounds_equals_the_coding_order_loop(gop, tau2):
             m.final, m.ok = best_source.flatten().clone(), (best_distance <= tau2).flatten()
         return m
 
-    loop = _resolve(schedule, tokens, best_source, reuse, tau2, (0.2, 0.8), memo())
-    rounds = _resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo())
-    assert torch.equal(rounds, loop)
+    loop, settled = _resolve(schedule, tokens, best_source, reuse, tau2, (0.2, 0.8), memo())
+    assert settled
+    rounds, settled = _resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo())
+    assert settled and torch.equal(rounds, loop)
+    # a fixed number of rounds (what a CUDA graph holds) settles exactly from the number the
+    # chains need on, with the loop's sources; fewer rounds say they have not settled
+    fixed = [_resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo(), k) for k in range(1, f + 2)]  # at most f failures on a chain
+    need = next(k for k, (_, ok) in enumerate(fixed, 1) if ok)
+    assert all(ok and torch.equal(out, loop) for out, ok in fixed[need - 1 :])
+    assert not any(ok for _, ok in fixed[: need - 1])
+    if tau2 is not None and tau2 < 0.3:
+        assert need >= 3  # the guard broke some chain more than once
     reused = loop != torch.arange(f * hw)
     assert reused.sum() > 0.15 * f * hw  # the test can tell: plenty reused ...
     if tau2 is not None and tau2 < 0.3:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import attrs
 import torch
 
+from ..graphs import graph_safe
 from .ops import causal_dilate, causal_gaussian, causal_median, majority, open_close, trimmed_l1
 from .reference import Match, ReferencePlanner
 from .registry import PlanContext, register_planner
@@ -78,6 +79,7 @@ class Lipar(ReferencePlanner):
     def score(self, ctx, short_term):
         return causal_gaussian(causal_median(short_term, self.median_size), self.gaussian_sigma, self.gaussian_size)
 
+    @graph_safe
     def postprocess(self, reuse):
         keep = majority(~reuse, self.mask_median_size, self.mask_median_causal)
         if self.morph_size > 1:

@@ -17,12 +17,15 @@ The engine does the rest, the same way for every planner:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import attrs
 import torch
 
 from ..gop import Schedule
+from ..graphs import Graphs
 from ..plan import Plan
 from .ops import trimmed_l1, trimmed_l1_within
 from .registry import PlanContext
@@ -142,25 +145,61 @@ class ReferencePlanner:
         if key not in cache:
             cache[key] = self._references(ctx, matches, schedule, device)
         refs = cache[key]
-        best_distance, best_source, keyframe = refs.distance, refs.source, refs.keyframe
 
-        # 3. decide, guard, clean up, resolve
-        short_reuse = refs.score <= tau
-        reuse = short_reuse & refs.eligible
+        # 3. decide, guard, clean up, resolve: a fixed-shape tensor function of the thresholds,
+        # captured in a CUDA graph once a key repeats (a budget search, the chunks of a stream)
         flat = tokens.reshape(f * hw, -1)
-        memo = _GuardMemo(f * hw, device)  # the second resolve re-checks mostly the same pairs
-        if tau2 is not None:  # a chain that ends at the direct reference: its match distance
-            memo.final, memo.ok = best_source.flatten().clone(), (best_distance <= tau2).flatten()
-        source = _resolve(schedule, flat, best_source, reuse, tau2, self.trim, memo)
-        # keyframes are computed by type, not by change: in the clean-up they vote with their
-        # own change against the previous frame; they are forced back to computed below
-        reused = (source != refs.ids).reshape(f, hw)
-        reused = torch.where(keyframe[:, None], short_reuse, reused)
-        final = self.postprocess(reused.reshape(f, grid.height, grid.width))
-        final = final.reshape(f, hw) & refs.eligible
-        if not torch.equal(final.flatten(), source != refs.ids):  # clean-up changed it
-            source = _resolve(schedule, flat, best_source, final, tau2 if self.reverify else None, self.trim, memo)
+        thresholds = [torch.full((), v, dtype=torch.float32, device=device) for v in (tau, tau2 or 0.0)]
+        inputs = (flat, refs.distance, refs.source, refs.keyframe, refs.score, refs.eligible, refs.ids, *thresholds)
+        shape = (grid.height, grid.width)
+        graph_key = self._graph_key(schedule, shape)
+        settle = functools.partial(self._settle, schedule, shape)
+        eager = functools.partial(settle, None)  # as many rounds as the chains need
+        source, settled = eager(*inputs) if graph_key is None else _GRAPHS(
+            graph_key, functools.partial(settle, _GRAPH_ROUNDS), *inputs, first=eager)
+        if not bool(settled):  # chains that needed more rounds than the graph holds
+            source, _ = eager(*inputs)
         return Decision(source, schedule, scale)
+
+    def _graph_key(self, schedule, shape):
+        """What a captured decision depends on besides its inputs; None: run it eagerly (the
+        planner's ``postprocess`` is not marked :func:`~lipcodec.graphs.graph_safe`, or a
+        parameter cannot be hashed)."""
+        post = type(self).postprocess
+        if post is not ReferencePlanner.postprocess and not getattr(post, "graph_safe", False):
+            return None
+        key = (type(self), _params(self, search=False), schedule, shape)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+    def _settle(self, schedule, shape, rounds, flat, distance, best_source, keyframe, score, eligible, ids, tau, tau2):
+        """The decision at thresholds ``tau``, ``tau2`` (0-d tensors; ``tau2`` unused without
+        a guard) on a grid of ``shape`` (H, W) per frame: every token's final source, and
+        whether the chains settled in ``rounds`` rounds on a GPU (None: as many as it takes).
+        No host syncs with ``rounds`` set."""
+        f, hw = best_source.shape
+        guard = tau2 if self.tau2 is not None else None
+        short_reuse = score <= tau
+        reuse = short_reuse & eligible
+        memo = _GuardMemo(f * hw, flat.device)  # the second resolve re-checks mostly the same pairs
+        if guard is not None:  # a chain that ends at the direct reference: its match distance
+            memo.final, memo.ok = best_source.flatten().clone(), (distance <= guard).flatten()
+        source, settled = _resolve(schedule, flat, best_source, reuse, guard, self.trim, memo, rounds)
+        if type(self).postprocess is ReferencePlanner.postprocess:  # no clean-up: nothing to resolve again
+            return source, settled
+        # keyframes are computed by type, not by change: in the clean-up they vote with their
+        # own change against the previous frame; they are forced back to computed below. When
+        # the clean-up changes nothing, resolving again gives the same sources (every verdict
+        # is known), so it runs unconditionally: no host sync to ask
+        reused = torch.where(keyframe[:, None], short_reuse, (source != ids).reshape(f, hw))
+        final = self.postprocess(reused.reshape(f, *shape))
+        final = final.reshape(f, hw) & eligible
+        source, again = _resolve(schedule, flat, best_source, final, guard if self.reverify else None, self.trim, memo,
+                                 rounds)
+        return source, settled & again
 
     def _references(self, ctx, matches, schedule: Schedule, device) -> _References:
         """Best reference per token over the allowed references (keyframes: none), and the
@@ -289,28 +328,25 @@ class _GuardMemo:
             verdict = torch.where(self.final == final, self.ok, fresh)
             self.final, self.ok = final, verdict
             return verdict
-        known = self.final[ids] == final
-        if flat.is_cuda:  # no host sync: compute every pair, keep the known verdicts (same values)
-            fresh = trimmed_l1(flat[ids], flat[final], *trim) <= tau2
-            verdict = torch.where(known, self.ok[ids], fresh)
-        else:
-            verdict = self.ok[ids].clone()
-            new = (~known).nonzero().flatten()
-            if len(new):
-                verdict[new] = trimmed_l1_within(flat[ids[new]], flat[final[new]], tau2, *trim)
+        verdict = self.ok[ids].clone()  # the CPU's loop: only the tokens not checked before
+        new = (self.final[ids] != final).nonzero().flatten()
+        if len(new):
+            verdict[new] = trimmed_l1_within(flat[ids[new]], flat[final[new]], tau2, *trim)
         self.final[ids], self.ok[ids] = final, verdict
         return verdict
 
 
-def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo) -> torch.Tensor:
+def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, rounds: int | None = None):
     """Point reused tokens at the computed token their reference finally copies (coding order).
 
     With ``tau2``, a token whose final source is farther than ``tau2`` is computed instead.
     The definition is the loop over frames in coding order (the CPU runs it, checking only
-    the candidates); a GPU gets the same result from :func:`_resolve_rounds`.
+    the candidates); a GPU gets the same result from :func:`_resolve_rounds`. Returns the
+    sources and whether they settled (a 0-d bool tensor; False only on a GPU given too few
+    ``rounds``).
     """
     if flat.is_cuda:
-        return _resolve_rounds(len(schedule), flat, best_source, reuse, tau2, trim, memo)
+        return _resolve_rounds(len(schedule), flat, best_source, reuse, tau2, trim, memo, rounds)
     f, hw = best_source.shape
     source = torch.arange(f * hw, device=flat.device)
     for t in schedule.coding_order:
@@ -322,31 +358,33 @@ def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo) -
         if tau2 is not None:
             use = use[memo.check(flat, ids[use], final[use], tau2, trim)]
         source[ids[use]] = final[use]
-    return source
+    return source, torch.ones((), dtype=torch.bool)
 
 
-def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _GuardMemo) -> torch.Tensor:
+def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, rounds: int | None = None):
     """:func:`_resolve` for the whole video at once, in rounds of pointer jumping.
 
     Each round follows every candidate's chain to its end (log2(frames) jumps), guards all
     tokens in one batch, and makes computed the *first* failures on each chain - those have
     no failing token before them, so their verdict is the loop's. Later tokens of a chain
     are judged again next round against their new end. Rounds = 1 + the most guard failures
-    on one chain (4-5 on 81 frames of real footage) instead of one step per frame in coding
-    order; one host sync per round.
+    on one chain (2-10 on streamed chunks of real footage) instead of one step per frame in
+    coding order. ``rounds=None``: until no chain fails, one host sync per round;
+    ``rounds=k``: exactly k rounds and no sync (a CUDA graph can hold them), settled if the
+    last round found no failure - once settled, a round changes nothing.
     """
     n = best_source.numel()
     ids = torch.arange(n, device=flat.device)
-    candidate = reuse.flatten()
-    parent = torch.where(candidate, best_source.flatten(), ids)
+    parent = torch.where(reuse.flatten(), best_source.flatten(), ids)
     jumps = max(frames - 1, 1).bit_length()  # chains are at most `frames` long
-    while True:
+    settled = torch.ones((), dtype=torch.bool, device=flat.device)  # what the returns inside the loop report
+    for _ in itertools.count() if rounds is None else range(rounds):
         hops = [parent]  # hops[k][i]: the token 2^k steps up i's chain
         for _ in range(jumps):
             hops.append(hops[-1][hops[-1]])
         final = hops[-1]
         if tau2 is None:
-            return final
+            return final, settled
         # linked tokens are candidates (others point at themselves), and a chain's root is
         # never bad: neither needs masking again
         bad = (parent != ids) & ~memo.check(flat, None, final, tau2, trim)
@@ -354,10 +392,21 @@ def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _Gu
         for hop in hops[:-1]:
             before = before | before[hop]
         first = bad & ~before
-        if not bool(first.any()):
-            return final
+        if rounds is None and not bool(first.any()):
+            return final, settled
         parent = torch.where(first, ids, parent)
+    return final, ~first.any()  # the last round found no failure: settled (a round after changes nothing)
 
 
-def _params(planner) -> dict:
-    return {a.name: getattr(planner, a.name) for a in attrs.fields(type(planner)) if a.name != "name"}
+def _params(planner, search: bool = True):
+    """The planner's parameters as a dict; ``search=False``: as a hashable tuple without the
+    budget search's, which only change the thresholds a decision is given (a decision's
+    graph is keyed on it; the scaled thresholds are the graph's inputs)."""
+    if search:
+        return {a.name: getattr(planner, a.name) for a in attrs.fields(type(planner)) if a.name != "name"}
+    return tuple((a.name, getattr(planner, a.name)) for a in attrs.fields(type(planner)) if a.name not in _SEARCH)
+
+
+_SEARCH = {"name", "target_kept", "budget_frames", "search_from"}
+_GRAPH_ROUNDS = 10  # chain-resolution rounds a captured decision runs (2-10 on streamed 480x832 chunks)
+_GRAPHS = Graphs()  # captured decisions, keyed by planner, schedule and grid

@@ -1,0 +1,127 @@
+"""Captured functions (lipcodec.graphs) and the planner's captured decisions."""
+
+import threading
+
+import pytest
+import torch
+
+import lipcodec
+from lipcodec.graphs import Graphs, _Entry
+from lipcodec.planners.lipar import Lipar
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+
+
+def chain(x, y):
+    """A few dependent kernels with a gather, as a decision has."""
+    order = (x * y).argsort()
+    return x[order] + y, (x > y).sum()
+
+
+def test_on_the_cpu_the_function_just_runs():
+    graphs, calls = Graphs(), []
+
+    def fn(x):
+        calls.append(x)
+        return (x + 1,)
+
+    x = torch.arange(3.0)
+    for _ in range(3):
+        (out,) = graphs("k", fn, x)
+        assert torch.equal(out, x + 1)
+    assert len(calls) == 3 and not graphs._entries  # nothing captured, nothing kept
+    (out,) = graphs("k", fn, x, first=lambda x: (x + 2,))  # where nothing is captured, `first` runs
+    assert torch.equal(out, x + 2) and len(calls) == 3
+
+
+@cuda
+def test_captured_replays_equal_eager_runs_with_fresh_outputs():
+    graphs = Graphs()
+    g = torch.Generator("cuda").manual_seed(0)
+    inputs = [(torch.rand(1000, device="cuda", generator=g), torch.rand(1000, device="cuda", generator=g))
+              for _ in range(4)]
+    outs = [graphs("chain", chain, *xy) for xy in inputs]
+    assert [type(e) for e in graphs._entries.values()] == [_Entry]  # captured on the second call
+    for (x, y), out in zip(inputs, outs):  # earlier outputs survive later replays
+        expected = chain(x, y)
+        assert all(torch.equal(a, b) for a, b in zip(out, expected))
+    (other,) = graphs("other", lambda x: (x * 2,), inputs[0][0][:10])  # another key, another graph
+    assert torch.equal(other, inputs[0][0][:10] * 2)
+    graphs.clear()
+    assert not graphs._entries
+
+
+class Unmarked(Lipar):
+    """A custom clean-up that reads a value back (not capturable) and is not marked."""
+
+    def postprocess(self, reuse):
+        return reuse if float(reuse.float().mean()) > 0.99 else super().postprocess(reuse)
+
+
+def test_decisions_are_captured_only_with_a_graph_safe_postprocess():
+    from lipcodec.gop import Schedule
+    from lipcodec.planners import get as get_planner
+
+    schedule = Schedule.parse("IPPP")
+    assert get_planner("lipar")._graph_key(schedule, (4, 6)) is not None  # marked graph_safe
+    assert get_planner("motion")._graph_key(schedule, (4, 6)) is not None  # no clean-up at all
+    assert Unmarked()._graph_key(schedule, (4, 6)) is None
+    # what the search changes is not part of the key: one graph serves every decision of it
+    assert get_planner("lipar", target_kept=0.5, search_from=2.0)._graph_key(schedule, (4, 6)) == \
+        get_planner("lipar")._graph_key(schedule, (4, 6))
+
+
+@cuda
+def test_an_unmarked_postprocess_runs_eagerly_on_the_gpu():
+    from lipcodec.planners.reference import _GRAPHS
+
+    latents = torch.randn(1, 16, 6, 16, 16).cumsum(2)
+    on_cpu = lipcodec.plan(latents, Unmarked(target_kept=0.6))
+    _GRAPHS.clear()
+    for _ in range(2):
+        assert torch.equal(lipcodec.plan(latents.cuda(), Unmarked(target_kept=0.6)).source.cpu(), on_cpu.source)
+    assert not _GRAPHS._entries
+
+
+@cuda
+def test_replays_from_two_threads_on_their_own_streams():
+    """The stream runner plans in a worker thread on a side stream: replays there and on the
+    main thread must not overwrite each other's inputs."""
+    graphs = Graphs()
+    x, y = torch.rand(4096, device="cuda"), torch.rand(4096, device="cuda")
+    graphs("chain", chain, x, y)
+    errors = []
+
+    def work(seed):
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            g = torch.Generator("cuda").manual_seed(seed)
+            for _ in range(20):
+                a, b = torch.rand(4096, device="cuda", generator=g), torch.rand(4096, device="cuda", generator=g)
+                got = graphs("chain", chain, a, b)
+                if not all(torch.equal(p, q) for p, q in zip(got, chain(a, b))):
+                    errors.append(seed)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@cuda
+@pytest.mark.parametrize("params", [{}, {"target_kept": 0.6}, {"target_kept": 0.5, "gop": "keyint=8:bframes=2:ref=2"}])
+def test_plans_on_the_gpu_equal_the_cpus_captured_or_not(params):
+    """A decision is captured once its key repeats (a budget search's second decision, a
+    second plan of the same shape) and replayed after: every plan equals the CPU's."""
+    from lipcodec import fixtures
+    from lipcodec.video import pixel_proxy_latents, read_video
+
+    latents = pixel_proxy_latents(read_video(fixtures.bundled_clip(), size=(128, 224), progress=False).frames)[None]
+    params = dict(params)
+    gop = params.pop("gop", None)
+    on_cpu = lipcodec.plan(latents, "lipar", gop=gop, **params)
+    for _ in range(3):
+        on_gpu = lipcodec.plan(latents.cuda(), "lipar", gop=gop, **params)
+        assert torch.equal(on_gpu.source.cpu(), on_cpu.source)
