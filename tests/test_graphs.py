@@ -73,14 +73,14 @@ def test_decisions_are_captured_only_with_a_graph_safe_postprocess():
 
 @cuda
 def test_an_unmarked_postprocess_runs_eagerly_on_the_gpu():
-    from lipcodec.planners.reference import _GRAPHS
+    from lipcodec.planners.reference import DECISION_GRAPHS
 
     latents = torch.randn(1, 16, 6, 16, 16).cumsum(2)
     on_cpu = lipcodec.plan(latents, Unmarked(target_kept=0.6))
-    _GRAPHS.clear()
+    DECISION_GRAPHS.clear()
     for _ in range(2):
         assert torch.equal(lipcodec.plan(latents.cuda(), Unmarked(target_kept=0.6)).source.cpu(), on_cpu.source)
-    assert not _GRAPHS._entries
+    assert not DECISION_GRAPHS._entries
 
 
 @cuda

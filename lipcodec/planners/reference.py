@@ -155,7 +155,7 @@ class ReferencePlanner:
         graph_key = self._graph_key(schedule, shape)
         settle = functools.partial(self._settle, schedule, shape)
         eager = functools.partial(settle, None)  # as many rounds as the chains need
-        source, settled = eager(*inputs) if graph_key is None else _GRAPHS(
+        source, settled = eager(*inputs) if graph_key is None else DECISION_GRAPHS(
             graph_key, functools.partial(settle, _GRAPH_ROUNDS), *inputs, first=eager)
         if not bool(settled):  # chains that needed more rounds than the graph holds
             source, _ = eager(*inputs)
@@ -409,4 +409,4 @@ def _params(planner, search: bool = True):
 
 _SEARCH = {"name", "target_kept", "budget_frames", "search_from"}
 _GRAPH_ROUNDS = 10  # chain-resolution rounds a captured decision runs (2-10 on streamed 480x832 chunks)
-_GRAPHS = Graphs()  # captured decisions, keyed by planner, schedule and grid
+DECISION_GRAPHS = Graphs()  # captured decisions, keyed by planner, schedule and grid (docs/planners.md)
