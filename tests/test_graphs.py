@@ -84,6 +84,18 @@ def test_an_unmarked_postprocess_runs_eagerly_on_the_gpu():
 
 
 @cuda
+def test_the_least_recently_used_graph_leaves_first():
+    graphs = Graphs(size=1)
+    x = torch.rand(100, device="cuda")
+    for key, fn in [("double", lambda x: (x * 2,)), ("double", lambda x: (x * 2,)),
+                    ("square", lambda x: (x * x,)), ("square", lambda x: (x * x,))]:
+        graphs(key, fn, x)
+    assert [k[0] for k in graphs._entries] == ["square"]  # "double" was dropped
+    ((out,), (again,)) = graphs("double", lambda x: (x * 2,), x), graphs("square", lambda x: (x * x,), x)
+    assert torch.equal(out, x * 2) and torch.equal(again, x * x)  # seen anew, eagerly, and right
+
+
+@cuda
 def test_replays_from_two_threads_on_their_own_streams():
     """The stream runner plans in a worker thread on a side stream: replays there and on the
     main thread must not overwrite each other's inputs."""
