@@ -215,24 +215,31 @@ class Schedule:
 
     @classmethod
     def from_gop(
-        cls, gop: GOP, frames: int, *, cuts: Sequence[int] = (), change: Sequence[float] | None = None
+        cls, gop: GOP, frames: int, *, cuts: Sequence[int] = (), change: Sequence[float] | None = None,
+        since_keyframe: int = 0,
     ) -> Schedule:
         """Lay out ``frames`` latent frames by ``gop``.
 
         ``cuts`` are detected scene cuts (frames that become keyframes if ``min_keyint``
         allows); ``change[t]`` is the share of tokens of frame t that changed since t-1,
-        used by ``b_adapt=1``.
+        used by ``b_adapt=1``. ``since_keyframe``: these frames continue a longer stream
+        whose last keyframe was that many frames before frame 0 - ``keyint`` and
+        ``min_keyint`` count from it; frame 0 is a keyframe here either way (nothing before
+        it can be referenced).
         """
         if frames < 1:
             raise ValueError(f"a schedule needs at least one frame, got {frames}")
         if change is not None and len(change) != frames:
             raise ValueError(f"change has {len(change)} entries for {frames} frames: give one share per frame")
+        if since_keyframe < 0:
+            raise ValueError(f"since_keyframe={since_keyframe}: a count of frames, >= 0")
         cut_set = set(int(c) for c in cuts)
-        keyframes = [0]
+        keyframes, last = [0], -since_keyframe  # last: the keyframe keyint counts from
         for t in range(1, frames):
-            since = t - keyframes[-1]
+            since = t - last
             if (gop.keyint is not None and since >= gop.keyint) or (t in cut_set and since >= gop.min_keyint):
                 keyframes.append(t)
+                last = t
         types = ["P"] * frames
         for k in keyframes:
             types[k] = "i" if (gop.open_gop and k > 0) else "I"

@@ -207,6 +207,7 @@ class _PlanInputs:
     first: int  # its first stream frame
     search_from: float | None  # the last chunk's threshold scale
     budget: ReferencePlanner | None  # StreamRunner._budget_planner
+    since_keyframe: int  # frames from the stream's last keyframe at or before `first` to it
 
 
 @attrs.frozen
@@ -214,6 +215,7 @@ class _Planned:
     source: torch.Tensor  # (N,) stream token id each token of the chunk takes its output from
     scale: float | None  # the target_kept search's threshold scale (the next search starts there)
     seconds: float  # host time of the planning
+    keyframes: tuple[int, ...] = ()  # the chunk's frames its plan made keyframes (stream frame ids)
 
 
 # -- cache ----------------------------------------------------------------------------------
@@ -409,6 +411,7 @@ class StreamRunner:
         self._hist_start = 0  # first frame in both histories
         self._sources: dict[int, torch.Tensor] = {}  # frame -> (tpf,) stream token id each token copies
         self._threshold_scale: float | None = None  # the last target_kept plan's: the next search starts there
+        self._keyframes = [0]  # stream frames planned as keyframes (the GOP's keyint counts from the last)
         self._ahead: _Ahead | None = None  # the next chunk's plan, made while this chunk runs
         self._gen = None
 
@@ -529,6 +532,7 @@ class StreamRunner:
             planned = self._plan_rows(a, s)
         src = planned.source  # (N,) stream token ids
         self._threshold_scale = planned.scale if planned.scale is not None else self._threshold_scale
+        self._keyframes += planned.keyframes
         if conf.plan_ahead and not self._intra and self._pending is not None and self._pending.shape[2] >= conf.chunk:
             self._plan_ahead(a + s, self._pending[:, :, : conf.chunk])  # the next chunk, while this one runs
         self._shift_positions(a + s)
@@ -705,7 +709,9 @@ class StreamRunner:
         if ctx is not None:
             first = max(first, a + self.config.chunk - ctx)
         context = self._src_hist[:, :, first - self._hist_start : a + s - self._hist_start]
-        return _PlanInputs(context, first, self._threshold_scale, self._budget_planner)
+        last_keyframe = max(k for k in self._keyframes if k <= first)
+        self._keyframes = [k for k in self._keyframes if k >= last_keyframe]  # contexts only move on
+        return _PlanInputs(context, first, self._threshold_scale, self._budget_planner, first - last_keyframe)
 
     def _plan_rows(self, a: int, s: int, inputs: _PlanInputs | None = None) -> _Planned:
         """Stream token ids the chunk's tokens take their output from (itself = computed).
@@ -727,9 +733,12 @@ class StreamRunner:
             first = inputs.first * kwargs.get("temporal_factor", TEMPORAL_FACTOR)
             kwargs = {**kwargs, "motion": attrs.evolve(self.motion, vectors=self.motion.vectors[first:],
                                                        picture_types=self.motion.picture_types[first:])}
-        plan = make_plan(inputs.context, planner, gop=self.gop, patch_size=self.patch, **kwargs)
+        plan = make_plan(inputs.context, planner, gop=self.gop, patch_size=self.patch,
+                         **{**kwargs, "since_keyframe": inputs.since_keyframe})
         base = inputs.first * self.tpf
         src = plan.source[-n:].to(ids.device) + base  # (N,)
+        types = plan.schedule.types
+        keyframes = tuple(inputs.first + t for t in range(len(types) - s, len(types)) if types[t] in "Ii")
         ahead = src // self.tpf > ids // self.tpf
         if ahead.any():
             i = int(ahead.nonzero()[0, 0])
@@ -737,7 +746,7 @@ class StreamRunner:
                 f"planner {self.planner!r} made token {int(ids[i])} (frame {int(ids[i]) // self.tpf}) reuse token "
                 f"{int(src[i])} of a later frame: streaming plans may only reference the past (no B-frames)"
             )
-        return _Planned(src, plan.meta.get("threshold_scale"), time.perf_counter() - start)
+        return _Planned(src, plan.meta.get("threshold_scale"), time.perf_counter() - start, keyframes)
 
     def _remember_output(self, x0, src, a, s):
         if self._intra:

@@ -269,6 +269,27 @@ def test_scene_cuts_become_keyframes_only_past_min_keyint(case):
 
 
 @settings(max_examples=100, deadline=None)
+@given(gops(max_keyint=12), st.integers(2, 40), st.data())
+def test_a_continued_stream_keeps_its_keyframe_rhythm(gop, frames, data):
+    """The frames of a stream from frame p on, laid out with ``since_keyframe`` = p - the
+    last keyframe at or before p, get the stream's keyframes (and their own first frame)."""
+    whole = Schedule.from_gop(gop, frames)
+    p = data.draw(st.integers(1, frames - 1))
+    since = p - max(k for k in keyframes(whole) if k <= p)
+    tail = Schedule.from_gop(gop, frames - p, since_keyframe=since)
+    assert tail.types[0] in "Ii"  # nothing before the first frame can be referenced
+    assert keyframes(tail)[1:] == [k - p for k in keyframes(whole) if k > p]
+
+
+def test_since_keyframe_counts_for_keyint_and_min_keyint():
+    assert Schedule.from_gop(GOP(keyint=4), 8, since_keyframe=2).types == "IPIPPPIP"
+    calm = GOP(min_keyint=3)
+    assert Schedule.from_gop(calm, 6, cuts=[1, 4], since_keyframe=1).types == "IPPPIP"  # 1: too soon after -1
+    with pytest.raises(ValueError, match="since_keyframe=-1"):
+        Schedule.from_gop(GOP(), 4, since_keyframe=-1)
+
+
+@settings(max_examples=100, deadline=None)
 @given(gops(max_keyint=12), st.integers(1, 40))
 def test_change_only_matters_with_b_adapt(gop, frames):
     fixed = Schedule.from_gop(gop, frames)

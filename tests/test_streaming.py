@@ -635,6 +635,22 @@ def test_plan_ahead_changes_when_planning_happens_not_the_stream(model, device):
     assert torch.equal(cat(one_by_one), cat(on))
 
 
+@pytest.mark.parametrize("plan_ahead", [True, False])
+def test_gop_keyint_counts_along_the_stream(model, plan_ahead):
+    """keyint=4 with a planning context of 7 frames: a keyframe (every token computed) every
+    4 frames of the stream - each context is told how far back the stream's last keyframe
+    is - where counting from each context's start would give another rhythm."""
+    x, text = video(22)
+    config = StreamConfig(chunk=3, plan_context=7, plan_ahead=plan_ahead)
+    chunks = stream(model, x, text, config, planner="lipar", gop="keyint=4", tau1=1e6, tau2=None)  # all else reused
+    computed = []
+    for c in chunks:
+        tpf = c.tokens // len(c.frames)
+        computed += [f for i, f in enumerate(c.frames)
+                     if torch.equal(c.source[i * tpf : (i + 1) * tpf], torch.arange(f * tpf, (f + 1) * tpf))]
+    assert computed == [0, 1, 2, 4, 8, 12, 16, 20]  # chunk 0 in full, then the stream's keyframes
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA (the planning thread)"))])
 def test_plan_ahead_failure_fails_the_push_that_needs_the_plan(model, device):

@@ -137,7 +137,7 @@ class ReferencePlanner:
             changed = cache["change",] > tau  # (F - 1, HW)
             change = [0.0] + changed.float().mean(1).tolist()  # one device sync
         cuts = [t for t in range(1, f) if gop.scenecut and change[t] * 100 > 100 - gop.scenecut]
-        schedule = Schedule.from_gop(gop, f, cuts=cuts, change=change)
+        schedule = Schedule.from_gop(gop, f, cuts=cuts, change=change, since_keyframe=ctx.since_keyframe)
 
         # 2. best reference per token and the change score: they depend on the schedule, not
         # on the thresholds, so a budget search makes them once per schedule

@@ -41,6 +41,9 @@ class PlanContext:
         motion: codec motion vectors of the source video, if decoded with side data.
         temporal_factor: pixel frames per latent frame after the first (4 for Wan).
         seed: planners that draw random numbers fork a private generator from this.
+        since_keyframe: the video continues a stream whose last keyframe was this many
+            frames before its first (a streamed planning context): the GOP's ``keyint``
+            counts from there (``Schedule.from_gop``). 0: the first frame starts the GOP.
     """
 
     latents: torch.Tensor
@@ -50,6 +53,7 @@ class PlanContext:
     motion: MotionField | None = None
     temporal_factor: int = TEMPORAL_FACTOR
     seed: int = 0
+    since_keyframe: int = 0
 
     def __attrs_post_init__(self):
         if self.latents.ndim != 4:
@@ -66,7 +70,7 @@ class PlanContext:
     @property
     def schedule(self) -> Schedule:
         """The GOP laid out on this video without scene cuts (planners add cuts themselves)."""
-        return Schedule.from_gop(self.gop, self.grid.frames)
+        return Schedule.from_gop(self.gop, self.grid.frames, since_keyframe=self.since_keyframe)
 
     def tokens(self) -> torch.Tensor:
         """Latents cut into tokens: (F', H', W', pt*ph*pw*C) float32, one vector per token.
@@ -174,6 +178,7 @@ def plan(
     motion: MotionField | None = None,
     temporal_factor: int = TEMPORAL_FACTOR,
     seed: int = 0,
+    since_keyframe: int = 0,
     kept_multiple: int | None = None,
     **params: Any,
 ) -> Plan:
@@ -183,7 +188,8 @@ def plan(
     ``params`` go to the planner (e.g. ``tau1=0.1`` or ``target_kept=0.68``). All videos of
     the batch must be the same (CFG or several samples of one source): a plan is per video.
     ``kept_multiple``: round the kept count up to a multiple of this (:meth:`Plan.padded`),
-    so compiled models see a few sequence lengths.
+    so compiled models see a few sequence lengths. ``since_keyframe``: the latents continue
+    a stream whose last keyframe was that many frames before them (:class:`PlanContext`).
     """
     if kept_multiple is not None:
         check_kept_multiple(kept_multiple)
@@ -212,6 +218,7 @@ def plan(
         motion=motion,
         temporal_factor=temporal_factor,
         seed=seed,
+        since_keyframe=since_keyframe,
     )
     result = get(planner, **params)(ctx)
     return result if kept_multiple is None else result.padded(kept_multiple)
