@@ -86,7 +86,7 @@ class _Entry:
         # not torch.cuda.graph(): it synchronizes the device and empties the allocator's cache
         # first, which would stall a stream running on the main thread. thread_local: that
         # thread may launch and sync while this one captures
-        with torch.cuda.stream(side):
+        with torch.cuda.device(device), torch.cuda.stream(side):  # the inputs' device, whichever is current
             graph.capture_begin(capture_error_mode="thread_local")
             try:
                 outputs = tuple(fn(*static))
@@ -94,16 +94,17 @@ class _Entry:
                 graph.capture_end()
         torch.cuda.current_stream(device).wait_stream(side)
         entry = cls(graph, static, outputs)
-        entry.done.record()
+        entry.done.record(torch.cuda.current_stream(device))
         return entry
 
     def replay(self, inputs) -> tuple[torch.Tensor, ...]:
-        torch.cuda.current_stream(inputs[0].device).wait_event(self.done)  # a replay on another stream is done
-        for static, value in zip(self.inputs, inputs):
-            static.copy_(value)
-        self.graph.replay()
-        outputs = tuple(t.clone() for t in self.outputs)
-        self.done.record()
+        with torch.cuda.device(inputs[0].device):
+            torch.cuda.current_stream().wait_event(self.done)  # a replay on another stream is done
+            for static, value in zip(self.inputs, inputs):
+                static.copy_(value)
+            self.graph.replay()
+            outputs = tuple(t.clone() for t in self.outputs)
+            self.done.record()
         return outputs
 
 
