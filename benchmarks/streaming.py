@@ -27,7 +27,9 @@ latents with the same noise (StreamConfig.editing(): t = 400, 4 steps, shift 5, 
 Rows: ``unpruned`` (window 6), ``unpruned full cache`` (every frame kept in the cache, as
 Self-Forcing's baseline), then the lipar planner at ``--target-kept`` (default 0.68 =
 ~32% reuse) with recovery none / proportional / duplicate (noisy) / clean (noise-aware),
-and ``none`` once more with ``plan_ahead=False`` (each chunk planned when it starts).
+and ``none`` twice more: with ``plan_ahead=False`` (each chunk planned when it starts), and
+with fixed thresholds (LIPAR's own rule, one decision per chunk: ``tau1``/``tau2`` scaled
+once by the budget search over the whole clip, so it keeps about the same share).
 ``--ceiling [KEPT ...]`` adds the streaming ceiling: the unpruned stream of the same clip
 cropped to about KEPT of each frame's token columns (default ``--target-kept``) - what a
 chunk costs when it holds only that many tokens and no pruning logic runs, the
@@ -59,9 +61,11 @@ import torch
 from diffusers import WanTransformer3DModel
 from einops import rearrange
 
+import lipcodec
 from lipcodec import fixtures
 from lipcodec.atomic import write_text_atomic
 from lipcodec.fidelity import latent_psnr
+from lipcodec.planners import get as get_planner
 from lipcodec.streaming import StreamConfig, StreamRunner
 from lipcodec.testing import TINY_WAN as TINY
 from lipcodec.testing import WAN_1_3B
@@ -176,8 +180,15 @@ def main(argv=None):
     specs += [Row(f"lipar {mode}", StreamConfig.editing(recovery=mode, first_chunk=args.first_chunk), plan=pruned,
                   recovery=mode) for mode in args.modes]
     if "none" in args.modes:
-        specs.append(Row("lipar none, planned in place", attrs.evolve(specs[2 + args.modes.index("none")].config,
-                                                                        plan_ahead=False), plan=pruned, recovery="none"))
+        none = specs[2 + args.modes.index("none")].config
+        specs.append(Row("lipar none, planned in place", attrs.evolve(none, plan_ahead=False), plan=pruned,
+                         recovery="none"))
+        # LIPAR's own rule: fixed thresholds, one decision per chunk - scaled once, by the
+        # budget search over the whole clip, so that about the same share is kept
+        scale = lipcodec.plan(source, "lipar", target_kept=args.target_kept).meta["threshold_scale"]
+        lipar = get_planner("lipar")
+        fixed = {"planner": "lipar", "tau1": lipar.tau1 * scale, "tau2": lipar.tau2 * scale}
+        specs.append(Row("lipar none, fixed thresholds", none, plan=fixed, recovery="none"))
     cols = source.shape[-1] // 2  # token columns (patch 2)
     for share in ceilings:
         keep = max(1, round(share * cols))

@@ -691,7 +691,7 @@ def test_streaming_benchmark_smoke(tmp_path, repo_script):
     result = json.loads(out.read_text())
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == ["unpruned", "unpruned full cache", "lipar none", "lipar clean", "lipar none, planned in place",
-                          "ceiling 50% of tokens", "ceiling 79% of tokens"]
+                          "lipar none, fixed thresholds", "ceiling 50% of tokens", "ceiling 79% of tokens"]
     assert [rows[n]["kept"] for n in list(rows)[-2:]] == [7 / 14, 11 / 14]
     assert rows["ceiling 50% of tokens"]["err_vs_unpruned"] is None and rows["ceiling 50% of tokens"]["chunk_ms"] > 0
     assert list(result["ceiling_pearson_r"]) == ["chunk_ms"] and -1 <= result["ceiling_pearson_r"]["chunk_ms"] <= 1
@@ -703,6 +703,7 @@ def test_streaming_benchmark_smoke(tmp_path, repo_script):
         assert rows[name]["kept"] < 1 and rows[name]["planned_ahead"] == 1  # chunk 1 of 2 planned during chunk 0
     assert rows["lipar none, planned in place"]["planned_ahead"] == 0
     assert rows["lipar none, planned in place"]["err_vs_unpruned"] == rows["lipar none"]["err_vs_unpruned"]
+    assert 0 < rows["lipar none, fixed thresholds"]["kept"] < 1  # thresholds from the clip's budget: some reuse
     assert all(len(r["fps_with_plan_runs"]) == 2 for r in rows.values()) and result["repeats"] == 2
 
 
