@@ -7,8 +7,8 @@ CUDA graph, a decision is a handful of input copies and one launch.
 
 :class:`Graphs` runs ``fn(*inputs)``: on the CPU as it is; on CUDA eagerly the first time
 a key (with the inputs' shapes) is seen, captured the second time, replayed from then on.
-Only functions marked :func:`graph_safe` belong here: a capture that
-fails (a host sync inside) leaves CUDA's random generator unusable in this process.
+Only functions marked :func:`graph_safe` belong here: a capture that fails (a host sync
+inside) leaves CUDA's random generator unusable in this process.
 """
 
 from __future__ import annotations
