@@ -710,7 +710,6 @@ class StreamRunner:
             first = max(first, a + self.config.chunk - ctx)
         context = self._src_hist[:, :, first - self._hist_start : a + s - self._hist_start]
         last_keyframe = max(k for k in self._keyframes if k <= first)
-        self._keyframes = [k for k in self._keyframes if k >= last_keyframe]  # contexts only move on
         return _PlanInputs(context, first, self._threshold_scale, self._budget_planner, first - last_keyframe)
 
     def _plan_rows(self, a: int, s: int, inputs: _PlanInputs | None = None) -> _Planned:
@@ -763,6 +762,9 @@ class StreamRunner:
                 self._src_hist = self._src_hist[:, :, cut:]
                 self._out_hist = self._out_hist[:, cut * self.tpf :]
                 self._hist_start = first
+        # the keyframe keyint counts from for any later context (they start at hist_start or after)
+        last_keyframe = max(k for k in self._keyframes if k <= self._hist_start)
+        self._keyframes = [k for k in self._keyframes if k >= last_keyframe]
         keep = {fr.index for fr in self._cache.frames} | set(range(self._hist_start, a + s))
         self._sources = {f: v for f, v in self._sources.items() if f in keep}
 
