@@ -3,8 +3,9 @@
 The latent video arrives frame by frame and is processed in chunks of ``chunk`` latent
 frames (Self-Forcing: 3). Per chunk:
 
-1. plan the chunk's tokens (``lipcodec.plan`` on the source latents seen so far; only
-   references to the past are allowed);
+1. plan the chunk's tokens (``lipcodec.plan`` on the source latents of the last
+   ``plan_context`` frames; the frames before the chunk are passed as they ran, so new
+   tokens chain onto what really executed; only references to the past are allowed);
 2. a few-step denoising schedule (Self-Forcing sampler: predict x0 = x_t - sigma v, then
    re-noise x0 with fresh noise to the next level); the chunk's kept tokens are the only
    queries and attend to [cached K/V of earlier frames; the chunk's own K/V] - exactly
@@ -51,6 +52,7 @@ from .attention import RECOVERY_MODES, rotate
 from .gop import GOP, TEMPORAL_FACTOR
 from .plan import Grid
 from .planners import MotionField
+from .planners.registry import ExecutedFrames, token_vectors
 from .planners import get as get_planner
 from .planners import plan as make_plan
 from .planners.reference import ReferencePlanner
@@ -110,7 +112,11 @@ class StreamConfig:
         rope_frames: time positions used before the RoPE shift starts; None = the model's
             ``rope_max_seq_len``. Self-Forcing was trained on 21 latent frames.
         plan_context: the planner sees at most this many latent frames ending at the new
-            chunk (bounds memory and planning time); None = every frame so far.
+            chunk; None = every frame so far. The frames before the chunk are given as they
+            ran (``PlanContext.executed``): threshold planners keep their decisions and only
+            read them, so past ``chunk`` + the planner's reach (lipar: 5 frames, through its
+            filters) a longer context plans exactly the same, slower. The default 8 covers
+            lipar with chunks of 3.
         plan_ahead: when the next chunk's frames are already pushed, plan it while this
             chunk runs (CUDA: in a worker thread, on a side stream), so planning leaves the
             critical path. Plans and outputs are identical either way; on the CPU nothing
@@ -129,7 +135,7 @@ class StreamConfig:
     recovery: str = "none"
     first_chunk: str = "full"
     rope_frames: int | None = attrs.field(default=None, validator=_non_negative_or_none)
-    plan_context: int | None = attrs.field(default=21, validator=_non_negative_or_none)
+    plan_context: int | None = attrs.field(default=8, validator=_non_negative_or_none)
     plan_ahead: bool = True
     seed: int = 0
 
@@ -171,7 +177,7 @@ class Chunk:
     seconds: float  # wall time from chunk start to its clean pass done (synchronized)
     kept: int  # computed tokens
     tokens: int
-    source: torch.Tensor  # (S*h*w,) stream token id each token took its output from
+    source: torch.Tensor  # (S*h*w,) stream token id of the computed token each token took its output from
     plan_seconds: float = 0.0  # host time spent making this chunk's plan
     planned_ahead: bool = False  # planned during the previous chunk (not part of ``seconds``)
     pixels: object = None  # decode(latents) when run() was given a decode hook
@@ -197,7 +203,8 @@ class _Ahead:
         planned = self.made.result()  # the worker's errors surface here
         if self.stream is not None:  # the main stream waits for the plan, and owns it from here
             torch.cuda.current_stream(planned.source.device).wait_stream(self.stream)
-            planned.source.record_stream(torch.cuda.current_stream(planned.source.device))
+            for tensor in (planned.source, planned.finals, planned.anchors):
+                tensor.record_stream(torch.cuda.current_stream(tensor.device))
         return planned
 
 
@@ -208,14 +215,18 @@ class _PlanInputs:
     search_from: float | None  # the last chunk's threshold scale
     budget: ReferencePlanner | None  # StreamRunner._budget_planner
     since_keyframe: int  # frames from the stream's last keyframe at or before `first` to it
+    executed: ExecutedFrames | None  # the context's frames before the chunk, as they ran
+    finals: torch.Tensor  # (executed tokens,) the stream token each of them finally copies
 
 
 @attrs.frozen
 class _Planned:
-    source: torch.Tensor  # (N,) stream token id each token of the chunk takes its output from
+    source: torch.Tensor  # (N,) stream token id each token of the chunk takes its output from (in the context)
     scale: float | None  # the target_kept search's threshold scale (the next search starts there)
     seconds: float  # host time of the planning
     keyframes: tuple[int, ...] = ()  # the chunk's frames its plan made keyframes (stream frame ids)
+    finals: torch.Tensor | None = None  # (N,) the computed stream token each finally copies (None: intra)
+    anchors: torch.Tensor | None = None  # (N, D) that token's vector: what later plans guard against
 
 
 # -- cache ----------------------------------------------------------------------------------
@@ -409,7 +420,8 @@ class StreamRunner:
         self._src_hist: torch.Tensor | None = None  # (B, C, f, H, W) source latents for planning
         self._out_hist: torch.Tensor | None = None  # (B, f*tpf, P) restored output tokens
         self._hist_start = 0  # first frame in both histories
-        self._sources: dict[int, torch.Tensor] = {}  # frame -> (tpf,) stream token id each token copies
+        self._sources: dict[int, torch.Tensor] = {}  # frame -> (tpf,) computed stream token each token copies
+        self._anchors: torch.Tensor | None = None  # (f*tpf, D) from _hist_start on: vectors of those tokens
         self._threshold_scale: float | None = None  # the last target_kept plan's: the next search starts there
         self._keyframes = [0]  # stream frames planned as keyframes (the GOP's keyint counts from the last)
         self._ahead: _Ahead | None = None  # the next chunk's plan, made while this chunk runs
@@ -531,8 +543,7 @@ class StreamRunner:
             self._remember_source(source)
             planned = self._plan_rows(a, s)
         src = planned.source  # (N,) stream token ids
-        self._threshold_scale = planned.scale if planned.scale is not None else self._threshold_scale
-        self._keyframes += planned.keyframes
+        self._remember_plan(a, s, planned)
         if conf.plan_ahead and not self._intra and self._pending is not None and self._pending.shape[2] >= conf.chunk:
             self._plan_ahead(a + s, self._pending[:, :, : conf.chunk])  # the next chunk, while this one runs
         self._shift_positions(a + s)
@@ -547,13 +558,14 @@ class StreamRunner:
                 x = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(x0.shape)
         self._forward(x0, 0.0, idx, idx.clean)  # clean pass: writes the chunk's K/V
         self._commit(a, s, idx)
-        self._remember_output(x0, src, a, s)
+        self._remember_output(x0, a, s)
         if x0.device.type == "cuda":
             torch.cuda.synchronize(x0.device)
         self._frames += s
         self._chunks += 1
         seconds = time.perf_counter() - start_time
-        return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, src.cpu(), planned.seconds,
+        finals = src if planned.finals is None else planned.finals
+        return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, finals.cpu(), planned.seconds,
                      planned_ahead=ahead is not None)
 
     def _plan_ahead(self, a: int, source: torch.Tensor):
@@ -563,7 +575,8 @@ class StreamRunner:
         not hold up this thread's launches - though the two threads share one interpreter,
         which on some hosts slows both (docs/streaming.md). On the CPU it plans in place."""
         self._remember_source(source)
-        job = functools.partial(self._plan_rows, a, source.shape[2], self._plan_inputs(a, source.shape[2]))
+        inputs = self._plan_inputs(a, source.shape[2])
+        job = functools.partial(self._plan_rows, a, source.shape[2], inputs)
         if not source.is_cuda:
             made = concurrent.futures.Future()
             made.set_result(job())
@@ -571,7 +584,8 @@ class StreamRunner:
             return
         stream = self._plan_stream = self._plan_stream or torch.cuda.Stream(source.device)
         stream.wait_stream(torch.cuda.current_stream(source.device))  # the pushed frames are on the GPU
-        self._src_hist.record_stream(stream)  # made on this stream, read on the side one
+        for tensor in (self._src_hist, inputs.finals, *([] if inputs.executed is None else [inputs.executed.anchors])):
+            tensor.record_stream(stream)  # made on this stream, read on the side one
         if self._plan_worker is None:
             self._plan_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lipcodec-plan")
 
@@ -704,13 +718,23 @@ class StreamRunner:
 
     def _plan_inputs(self, a: int, s: int) -> _PlanInputs:
         """What planning the chunk at frame ``a`` reads of the stream's state, taken now: the
-        planning context (frames [first, a + s)) and where the budget search starts."""
-        ctx, first = self.config.plan_context, self._hist_start
+        planning context (frames [first, a + s)), its frames that already ran (their sources
+        and anchors, :class:`ExecutedFrames`) and where the budget search starts."""
+        ctx, first, tpf = self.config.plan_context, self._hist_start, self.tpf
         if ctx is not None:
             first = max(first, a + self.config.chunk - ctx)
         context = self._src_hist[:, :, first - self._hist_start : a + s - self._hist_start]
         last_keyframe = max(k for k in self._keyframes if k <= first)
-        return _PlanInputs(context, first, self._threshold_scale, self._budget_planner, first - last_keyframe)
+        done = a - first
+        finals = torch.cat([self._sources[f] for f in range(first, a)]) if done else torch.zeros(
+            0, dtype=torch.long, device=context.device)
+        executed = None
+        if done:
+            local = finals - first * tpf
+            anchors = self._anchors[(first - self._hist_start) * tpf : (a - self._hist_start) * tpf]
+            executed = ExecutedFrames(done, torch.where(local < 0, -1, local), anchors)
+        return _PlanInputs(context, first, self._threshold_scale, self._budget_planner, first - last_keyframe,
+                           executed, finals)
 
     def _plan_rows(self, a: int, s: int, inputs: _PlanInputs | None = None) -> _Planned:
         """Stream token ids the chunk's tokens take their output from (itself = computed).
@@ -718,9 +742,12 @@ class StreamRunner:
         start = time.perf_counter()
         n = s * self.tpf
         ids = torch.arange(a * self.tpf, (a + s) * self.tpf, device=self.model.device)
-        if self._intra or (a == 0 and self.config.first_chunk == "full"):
+        if self._intra:
             return _Planned(ids, None, time.perf_counter() - start)
         inputs = inputs or self._plan_inputs(a, s)
+        own = token_vectors(inputs.context[0, :, -s:], self.patch).reshape(n, -1).to(ids.device)  # (N, D)
+        if a == 0 and self.config.first_chunk == "full":
+            return _Planned(ids, None, time.perf_counter() - start, finals=ids, anchors=own)
         planner, kwargs = self.planner, self.plan_kwargs
         budget = inputs.budget
         if budget is not None:  # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
@@ -733,9 +760,10 @@ class StreamRunner:
             kwargs = {**kwargs, "motion": attrs.evolve(self.motion, vectors=self.motion.vectors[first:],
                                                        picture_types=self.motion.picture_types[first:])}
         plan = make_plan(inputs.context, planner, gop=self.gop, patch_size=self.patch,
-                         **{**kwargs, "since_keyframe": inputs.since_keyframe})
+                         **{**kwargs, "since_keyframe": inputs.since_keyframe, "executed": inputs.executed})
         base = inputs.first * self.tpf
-        src = plan.source[-n:].to(ids.device) + base  # (N,)
+        local = plan.source[-n:].to(ids.device)  # (N,) context token ids
+        src = local + base
         types = plan.schedule.types
         keyframes = tuple(inputs.first + t for t in range(len(types) - s, len(types)) if types[t] in "Ii")
         ahead = src // self.tpf > ids // self.tpf
@@ -745,15 +773,28 @@ class StreamRunner:
                 f"planner {self.planner!r} made token {int(ids[i])} (frame {int(ids[i]) // self.tpf}) reuse token "
                 f"{int(src[i])} of a later frame: streaming plans may only reference the past (no B-frames)"
             )
-        return _Planned(src, plan.meta.get("threshold_scale"), time.perf_counter() - start, keyframes)
+        # what each token finally copies: a token that ran before copies what it copied (its
+        # anchor), a token of this chunk itself
+        finals = torch.cat([inputs.finals.to(ids.device), ids])[local]
+        past = inputs.executed.anchors.to(own) if inputs.executed is not None else own[:0]
+        anchors = torch.cat([past, own])[local]
+        return _Planned(src, plan.meta.get("threshold_scale"), time.perf_counter() - start, keyframes, finals, anchors)
 
-    def _remember_output(self, x0, src, a, s):
+    def _remember_plan(self, a: int, s: int, planned: _Planned):
+        """Record what the chunk at frame ``a`` will copy, before the next chunk is planned."""
+        self._threshold_scale = planned.scale if planned.scale is not None else self._threshold_scale
+        self._keyframes += planned.keyframes
+        if self._intra:
+            return
+        for f in range(s):
+            self._sources[a + f] = planned.finals[f * self.tpf : (f + 1) * self.tpf]
+        self._anchors = planned.anchors if self._anchors is None else torch.cat([self._anchors, planned.anchors])
+
+    def _remember_output(self, x0, a, s):
         if self._intra:
             return
         tokens = self._patchify(x0)  # (B, N, P)
         self._out_hist = tokens if self._out_hist is None else torch.cat([self._out_hist, tokens], 1)
-        for f in range(s):
-            self._sources[a + f] = src[f * self.tpf : (f + 1) * self.tpf]
         ctx = self.config.plan_context
         if ctx is not None:  # keep the frames the next chunk's plan context can reach
             first = max(0, a + s + self.config.chunk - ctx)
@@ -761,6 +802,7 @@ class StreamRunner:
                 cut = first - self._hist_start
                 self._src_hist = self._src_hist[:, :, cut:]
                 self._out_hist = self._out_hist[:, cut * self.tpf :]
+                self._anchors = self._anchors[cut * self.tpf :]
                 self._hist_start = first
         # the keyframe keyint counts from for any later context (they start at hist_start or after)
         last_keyframe = max(k for k in self._keyframes if k <= self._hist_start)

@@ -63,12 +63,12 @@ def test_decisions_are_captured_only_with_a_graph_safe_postprocess():
     from lipcodec.planners import get as get_planner
 
     schedule = Schedule.parse("IPPP")
-    assert get_planner("lipar")._graph_key(schedule, (4, 6)) is not None  # marked graph_safe
-    assert get_planner("motion")._graph_key(schedule, (4, 6)) is not None  # no clean-up at all
-    assert Unmarked()._graph_key(schedule, (4, 6)) is None
+    assert get_planner("lipar")._graph_key(schedule, (4, 6), 10) is not None  # marked graph_safe
+    assert get_planner("motion")._graph_key(schedule, (4, 6), 10) is not None  # no clean-up at all
+    assert Unmarked()._graph_key(schedule, (4, 6), 10) is None
     # what the search changes is not part of the key: one graph serves every decision of it
-    assert get_planner("lipar", target_kept=0.5, search_from=2.0)._graph_key(schedule, (4, 6)) == \
-        get_planner("lipar")._graph_key(schedule, (4, 6))
+    assert get_planner("lipar", target_kept=0.5, search_from=2.0)._graph_key(schedule, (4, 6), 10) == \
+        get_planner("lipar")._graph_key(schedule, (4, 6), 10)
 
 
 @cuda

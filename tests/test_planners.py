@@ -1,6 +1,7 @@
 """Built-in planners on clips with known motion: synthetic latents and real pixels."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -348,7 +349,8 @@ def test_trimmed_distance_on_a_gpu_is_the_definition(n, trim):
 
 @pytest.mark.parametrize("gop", ["keyint=250", "keyint=8:bframes=2:b-pyramid=normal:ref=2", "bframes=3:ref=3:keyint=12"])
 @pytest.mark.parametrize("tau2", [None, 0.08, 0.12, 0.3])
-def test_resolve_in_rounds_equals_the_coding_order_loop(gop, tau2):
+@pytest.mark.parametrize("done", [0, 5])
+def test_resolve_in_rounds_equals_the_coding_order_loop(gop, tau2, done):
     """The GPU's whole-video resolve (pointer-jumping rounds) gives exactly the loop's
     sources: random references over the schedule's allowed frames, drifting tokens, so
     that chains break at the guard several times."""
@@ -376,13 +378,26 @@ def test_resolve_in_rounds_equals_the_coding_order_loop(gop, tau2):
             m.final, m.ok = best_source.flatten().clone(), (best_distance <= tau2).flatten()
         return m
 
-    loop, settled = _resolve(schedule, tokens, best_source, reuse, tau2, (0.2, 0.8), memo())
+    executed = torch.zeros(f, hw, dtype=torch.bool)
+    if done:  # the first frames ran already, as some other decision (no guard) made them: kept as they are
+        ran, _ = _resolve(schedule, tokens, best_source, reuse, None, (0.2, 0.8), memo(), executed)
+        ran = ran[: done * hw]
+        ran = torch.where((ran < done * hw) & (torch.arange(done * hw) % 3 > 0), ran, torch.arange(done * hw))
+        best_source, reuse = best_source.clone(), reuse.clone()
+        best_source[:done] = ran.reshape(done, hw)
+        reuse[:done] = (ran != torch.arange(done * hw)).reshape(done, hw)
+        executed[:done] = True
+    loop, settled = _resolve(schedule, tokens, best_source, reuse, tau2, (0.2, 0.8), memo(), executed)
     assert settled
-    rounds, settled = _resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo())
+    if done:
+        assert torch.equal(loop[: done * hw], ran)
+    rounds, settled = _resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo(), executed)
     assert settled and torch.equal(rounds, loop)
     # a fixed number of rounds (what a CUDA graph holds) settles exactly from the number the
-    # chains need on, with the loop's sources; fewer rounds say they have not settled
-    fixed = [_resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo(), k) for k in range(1, f + 2)]  # at most f failures on a chain
+    # chains need on, with the loop's sources; fewer rounds say they have not settled. A
+    # chain has at most one token per frame left to decide: f - done + 1 rounds always settle
+    fixed = [_resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo(), executed, k)
+             for k in range(1, f - done + 2)]
     need = next(k for k, (_, ok) in enumerate(fixed, 1) if ok)
     assert all(ok and torch.equal(out, loop) for out, ok in fixed[need - 1 :])
     assert not any(ok for _, ok in fixed[: need - 1])
@@ -470,3 +485,77 @@ def test_plan_profile_benchmark_smoke(repo_script, capsys):
     assert [r["chunks"] for r in result.values()] == [3, 3]
     assert all(r["kernels_per_chunk"] == 0 for r in result.values())
     assert capsys.readouterr().out.count("Self CPU time total") == 2
+
+
+# -- executed frames: a stream's past, kept as it ran ------------------------------------------
+def executed_as(plan, latents, frames):
+    """The first ``frames`` of ``plan`` as executed frames, anchored at the tokens they copy."""
+    from lipcodec.planners.registry import ExecutedFrames
+
+    n = frames * plan.grid.tokens_per_frame
+    tokens = lipcodec.PlanContext(latents).tokens().reshape(plan.grid.size, -1)
+    return ExecutedFrames(frames, plan.source[:n].clone(), tokens[plan.source[:n]])
+
+
+@pytest.mark.parametrize("planner", ["lipar", "motion"])
+def test_executed_frames_keep_the_decisions_they_ran_with(planner):
+    clip = moving_square_latents()
+    # what ran: a plan with other thresholds (here much more reuse), not this planner's own
+    ran = lipcodec.plan(clip[None], planner, tau1=1.0, tau2=None)
+    executed = executed_as(ran, clip, 4)
+    n = 4 * ran.grid.tokens_per_frame
+    plan = lipcodec.plan(clip[None], planner, executed=executed)
+    assert torch.equal(plan.source[:n], ran.source[:n])
+    assert not torch.equal(lipcodec.plan(clip[None], planner).source[:n], ran.source[:n])  # the test can tell
+    # new tokens chain onto them: every reused token copies a computed one, within the guard
+    assert bool(plan.computed[plan.source].all())
+    tokens = lipcodec.PlanContext(clip).tokens().reshape(plan.grid.size, -1)
+    new = (~plan.computed).nonzero().flatten()
+    new = new[new >= n]
+    assert len(new) > 0.3 * (plan.grid.size - n)
+    assert float(lipcodec.planners.ops.trimmed_l1(tokens[new], tokens[plan.source[new]]).max()) <= 0.3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (chain resolution in rounds)"))])
+def test_the_guard_measures_new_tokens_against_what_executed_tokens_copy(device):
+    from lipcodec.planners.registry import ExecutedFrames
+
+    clip = still_latents().to(device)  # every token matches its reference closely
+    ctx = lipcodec.PlanContext(clip)
+    hw, f = ctx.grid.tokens_per_frame, ctx.grid.frames
+    tokens = ctx.tokens().reshape(ctx.grid.size, -1)
+    n = 3 * hw
+    before = torch.full((n,), -1, dtype=torch.long, device=device)  # all copied tokens from before the context
+    far = torch.arange(n, device=device) % hw < hw // 2  # half the places copied something far away
+    anchors = tokens[:n] + far[:, None] * 5.0
+    plan = lipcodec.plan(clip[None], "lipar", executed=ExecutedFrames(3, before, anchors))
+    computed = plan.computed.reshape(f, hw)
+    assert computed[:3].all()  # in this plan's terms: roots (what they copy is not in the context)
+    near = lipcodec.plan(clip[None], "lipar", executed=ExecutedFrames(3, before, tokens[:n].clone()))
+    assert not near.computed.reshape(f, hw)[3:].any()  # anchored where they are: all reused
+    # the first new frame computes exactly where the copies are far (the match distance is small there)
+    assert torch.equal(computed[3], far[:hw])
+
+
+@pytest.mark.parametrize("frames, source, anchors, message", [
+    (5, None, None, "ExecutedFrames.frames=5: use 0..4 for a context of 5 frames"),
+    (2, "short", None, "ExecutedFrames.source must be a long tensor of shape (12,)"),
+    (2, None, "narrow", "ExecutedFrames.anchors must be shaped (12, 64) (a token vector per token), got (12, 3)"),
+    (2, "chain", None, "ExecutedFrames.source must hold, per token, itself (computed), a computed context"),
+])
+def test_executed_frames_that_do_not_fit_say_so(frames, source, anchors, message):
+    from lipcodec.planners.registry import ExecutedFrames
+
+    clip = still_latents(frames=5)
+    hw = lipcodec.PlanContext(clip).grid.tokens_per_frame
+    n = frames * hw
+    src = torch.arange(n)
+    if source == "short":
+        src = src[:-1]
+    if source == "chain":  # token 2 copies token 1, which copies token 0: not a computed token
+        src[1], src[2] = 0, 1
+    vectors = torch.zeros(n, 3 if anchors == "narrow" else 64)
+    message = message.replace("(12,)", f"({n},)").replace("(12, ", f"({n}, ")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        lipcodec.plan(clip[None], "lipar", executed=ExecutedFrames(frames, src, vectors))

@@ -13,6 +13,10 @@ The engine does the rest, the same way for every planner:
 5. chains resolved in coding order, with the long-term guard: a token is only reused if
    it is within ``tau2`` of the computed token it finally copies;
 6. ``target_kept``: the thresholds scaled together until the kept ratio meets a budget.
+
+A context with :class:`~lipcodec.planners.registry.ExecutedFrames` (a stream's past) keeps
+those frames' decisions: new tokens chain onto what really ran, and the guard measures
+them against the token they finally copy, even one from before the context.
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ class ReferencePlanner:
     def _decide(self, ctx, tokens, matches, cache, scale: float) -> Decision:
         grid, gop = ctx.grid, ctx.gop
         f, hw = grid.frames, grid.tokens_per_frame
+        done = 0 if ctx.executed is None else ctx.executed.frames  # leading frames already decided
         tau = self.tau1 * scale
         tau2 = None if self.tau2 is None else self.tau2 * scale
         device = tokens.device
@@ -136,7 +141,7 @@ class ReferencePlanner:
                 cache["change",] = torch.stack([m.distance for m in matches([(t, t - 1) for t in range(1, f)])])
             changed = cache["change",] > tau  # (F - 1, HW)
             change = [0.0] + changed.float().mean(1).tolist()  # one device sync
-        cuts = [t for t in range(1, f) if gop.scenecut and change[t] * 100 > 100 - gop.scenecut]
+        cuts = [t for t in range(max(1, done), f) if gop.scenecut and change[t] * 100 > 100 - gop.scenecut]
         schedule = Schedule.from_gop(gop, f, cuts=cuts, change=change, since_keyframe=ctx.since_keyframe)
 
         # 2. best reference per token and the change score: they depend on the schedule, not
@@ -148,57 +153,67 @@ class ReferencePlanner:
 
         # 3. decide, guard, clean up, resolve: a fixed-shape tensor function of the thresholds,
         # captured in a CUDA graph once a key repeats (a budget search, the chunks of a stream)
-        flat = tokens.reshape(f * hw, -1)
+        if ("guarded",) not in cache:  # what the guard compares with: executed tokens' anchors
+            flat = tokens.reshape(f * hw, -1)
+            cache["guarded",] = flat if not done else torch.cat([ctx.executed.anchors.to(flat), flat[done * hw :]])
         thresholds = [torch.full((), v, dtype=torch.float32, device=device) for v in (tau, tau2 or 0.0)]
-        inputs = (flat, refs.distance, refs.source, refs.keyframe, refs.score, refs.eligible, refs.ids, *thresholds)
+        inputs = (cache["guarded",], refs.distance, refs.source, refs.keyframe, refs.score, refs.eligible, refs.ids,
+                  refs.executed, refs.direct, *thresholds)
         shape = (grid.height, grid.width)
-        graph_key = self._graph_key(schedule, shape)
+        # a chain holds at most one token per frame left to decide, and each round settles one
+        # more failure on it: one round more than those frames always settles
+        rounds = min(_GRAPH_ROUNDS, f - done + 1)
+        graph_key = self._graph_key(schedule, shape, rounds)
         settle = functools.partial(self._settle, schedule, shape)
         eager = functools.partial(settle, None)  # as many rounds as the chains need
         source, settled = eager(*inputs) if graph_key is None else DECISION_GRAPHS(
-            graph_key, functools.partial(settle, _GRAPH_ROUNDS), *inputs, first=eager)
+            graph_key, functools.partial(settle, rounds), *inputs, first=eager)
         if not bool(settled):  # chains that needed more rounds than the graph holds
             source, _ = eager(*inputs)
         return Decision(source, schedule, scale)
 
-    def _graph_key(self, schedule, shape):
+    def _graph_key(self, schedule, shape, rounds):
         """What a captured decision depends on besides its inputs; None: run it eagerly (the
         planner's ``postprocess`` is not marked :func:`~lipcodec.graphs.graph_safe`, or a
         parameter cannot be hashed)."""
         post = type(self).postprocess
         if post is not ReferencePlanner.postprocess and not getattr(post, "graph_safe", False):
             return None
-        key = (type(self), _params(self, search=False), schedule, shape)
+        key = (type(self), _params(self, search=False), schedule, shape, rounds)
         try:
             hash(key)
         except TypeError:
             return None
         return key
 
-    def _settle(self, schedule, shape, rounds, flat, distance, best_source, keyframe, score, eligible, ids, tau, tau2):
+    def _settle(self, schedule, shape, rounds, flat, distance, best_source, keyframe, score, eligible, ids, executed,
+                direct, tau, tau2):
         """The decision at thresholds ``tau``, ``tau2`` (0-d tensors; ``tau2`` unused without
         a guard) on a grid of ``shape`` (H, W) per frame: every token's final source, and
         whether the chains settled in ``rounds`` rounds on a GPU (None: as many as it takes).
+        ``flat``: the token vectors the guard compares (executed tokens: their anchors).
         No host syncs with ``rounds`` set."""
         f, hw = best_source.shape
         guard = tau2 if self.tau2 is not None else None
         short_reuse = score <= tau
-        reuse = short_reuse & eligible
+        reuse = (short_reuse | executed) & eligible  # executed tokens: eligible = they were reused
         memo = _GuardMemo(f * hw, flat.device)  # the second resolve re-checks mostly the same pairs
         if guard is not None:  # a chain that ends at the direct reference: its match distance
-            memo.final, memo.ok = best_source.flatten().clone(), (distance <= guard).flatten()
-        source, settled = _resolve(schedule, flat, best_source, reuse, guard, self.trim, memo, rounds)
+            memo.final, memo.ok = direct.clone(), (distance <= guard).flatten()
+        source, settled = _resolve(schedule, flat, best_source, reuse, guard, self.trim, memo, executed, rounds)
         if type(self).postprocess is ReferencePlanner.postprocess:  # no clean-up: nothing to resolve again
             return source, settled
         # keyframes are computed by type, not by change: in the clean-up they vote with their
-        # own change against the previous frame; they are forced back to computed below. When
+        # own change against the previous frame, and so do executed frames (a stream's first
+        # chunk ran in full, or they were keyframes there); both are forced back below. When
         # the clean-up changes nothing, resolving again gives the same sources (every verdict
         # is known), so it runs unconditionally: no host sync to ask
-        reused = torch.where(keyframe[:, None], short_reuse, (source != ids).reshape(f, hw))
+        by_change = keyframe[:, None] | executed
+        reused = torch.where(by_change, short_reuse, (source != ids).reshape(f, hw))
         final = self.postprocess(reused.reshape(f, *shape))
-        final = final.reshape(f, hw) & eligible
+        final = (final.reshape(f, hw) | executed) & eligible
         source, again = _resolve(schedule, flat, best_source, final, guard if self.reverify else None, self.trim, memo,
-                                 rounds)
+                                 executed, rounds)
         return source, settled & again
 
     def _references(self, ctx, matches, schedule: Schedule, device) -> _References:
@@ -228,8 +243,24 @@ class ReferencePlanner:
                 short_term[t] = matches([(t, t - 1)])[0].distance if t > 0 else 0.0
         short_term = short_term.nan_to_num(posinf=1e6).reshape(grid.frames, grid.height, grid.width)
         keyframe = torch.tensor([not refs for refs in schedule.refs], device=device)
+        eligible = torch.isfinite(best_distance) & ~keyframe[:, None]
+        ids = torch.arange(f * hw, device=device)
+        executed = torch.zeros((f, hw), dtype=torch.bool, device=device)
+        direct = best_source.flatten()  # what a token's guard verdict from its match distance is for
+        if ctx.executed is not None and ctx.executed.frames:  # their decisions as they ran
+            done = ctx.executed.frames
+            ran = ctx.executed.source.to(device)
+            before = ran < 0  # copied a token from before the context: a root here, anchored
+            parent = torch.where(before, ids[: done * hw], ran)
+            best_source, eligible = best_source.clone(), eligible.clone()
+            best_source[:done] = parent.reshape(done, hw)
+            eligible[:done] = (before | (parent != ids[: done * hw])).reshape(done, hw)
+            executed[:done] = True
+            anchored = torch.zeros(f * hw, dtype=torch.bool, device=device)
+            anchored[: done * hw] = before
+            direct = torch.where(anchored[direct], -1, direct)  # their anchor is not the match
         return _References(best_distance, best_source, keyframe, self.score(ctx, short_term).reshape(f, hw),
-                           torch.isfinite(best_distance) & ~keyframe[:, None], torch.arange(f * hw, device=device))
+                           eligible, ids, executed, direct)
 
     def _search_budget(self, ctx, tokens, matches, cache) -> Decision:
         """Search a common scale of the thresholds (log2 space) for ``target_kept``: bracket
@@ -294,8 +325,10 @@ class _References:
     source: torch.Tensor  # (F, HW) token id of the best reference (itself for keyframes)
     keyframe: torch.Tensor  # (F,) bool
     score: torch.Tensor  # (F, HW) the planner's change score (reuse where <= tau1)
-    eligible: torch.Tensor  # (F, HW) has a reference and is not in a keyframe
+    eligible: torch.Tensor  # (F, HW) has a reference and is not in a keyframe; executed: was reused
     ids: torch.Tensor  # (F * HW,) arange: token ids
+    executed: torch.Tensor  # (F, HW) bool: decided before (ExecutedFrames), kept as it ran
+    direct: torch.Tensor  # (F * HW,) the token whose guard verdict the match distance gives (-1: none)
 
 
 @attrs.frozen
@@ -336,17 +369,18 @@ class _GuardMemo:
         return verdict
 
 
-def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, rounds: int | None = None):
+def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, executed, rounds: int | None = None):
     """Point reused tokens at the computed token their reference finally copies (coding order).
 
-    With ``tau2``, a token whose final source is farther than ``tau2`` is computed instead.
+    With ``tau2``, a token whose final source is farther than ``tau2`` is computed instead
+    (not an ``executed`` one: (F, HW) bool, decided before and pointing at roots already).
     The definition is the loop over frames in coding order (the CPU runs it, checking only
     the candidates); a GPU gets the same result from :func:`_resolve_rounds`. Returns the
     sources and whether they settled (a 0-d bool tensor; False only on a GPU given too few
     ``rounds``).
     """
     if flat.is_cuda:
-        return _resolve_rounds(len(schedule), flat, best_source, reuse, tau2, trim, memo, rounds)
+        return _resolve_rounds(len(schedule), flat, best_source, reuse, tau2, trim, memo, executed, rounds)
     f, hw = best_source.shape
     source = torch.arange(f * hw, device=flat.device)
     for t in schedule.coding_order:
@@ -355,13 +389,14 @@ def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, r
         ids = torch.arange(t * hw, (t + 1) * hw, device=flat.device)
         final = source[best_source[t]]  # references are coded earlier: already resolved
         use = reuse[t].nonzero().flatten()
-        if tau2 is not None:
+        if tau2 is not None and not executed[t, 0]:
             use = use[memo.check(flat, ids[use], final[use], tau2, trim)]
         source[ids[use]] = final[use]
     return source, torch.ones((), dtype=torch.bool)
 
 
-def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, rounds: int | None = None):
+def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, executed,
+                    rounds: int | None = None):
     """:func:`_resolve` for the whole video at once, in rounds of pointer jumping.
 
     Each round follows every candidate's chain to its end (log2(frames) jumps), guards all
@@ -386,8 +421,8 @@ def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _Gu
         if tau2 is None:
             return final, settled
         # linked tokens are candidates (others point at themselves), and a chain's root is
-        # never bad: neither needs masking again
-        bad = (parent != ids) & ~memo.check(flat, None, final, tau2, trim)
+        # never bad: neither needs masking again; executed tokens stay as they ran
+        bad = (parent != ids) & ~memo.check(flat, None, final, tau2, trim) & ~executed.flatten()
         before = bad[parent]  # some token before it on its chain fails
         for hop in hops[:-1]:
             before = before | before[hop]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,6 +31,41 @@ class MotionField:
 
 
 @attrs.frozen
+class ExecutedFrames:
+    """The leading frames of a planning context whose plan already ran (a stream's past):
+    a planner that honours it keeps their decisions and plans only the frames after them.
+
+    ``source[i]``: the context token that token i took its output from - itself when it was
+    computed, -1 when it copied a token from before the context. ``anchors[i]``: the token
+    vector (:meth:`PlanContext.tokens` layout) of the computed token it finally copies (its
+    own when computed): what a long-term guard measures a new token against when it reuses
+    token i. ``lipcodec.streaming.StreamRunner`` keeps both for its stream.
+    """
+
+    frames: int
+    source: torch.Tensor  # (frames * H' * W',) long
+    anchors: torch.Tensor  # (frames * H' * W', D) float32
+
+    def check(self, grid: Grid, dim: int):
+        """Raise ValueError unless this fits a context of ``grid`` with ``dim``-long token vectors."""
+        n = self.frames * grid.tokens_per_frame
+        if not 0 <= self.frames < grid.frames:
+            raise ValueError(f"ExecutedFrames.frames={self.frames}: use 0..{grid.frames - 1} for a context of "
+                             f"{grid.frames} frames (at least one frame is left to plan)")
+        if tuple(self.source.shape) != (n,) or self.source.dtype != torch.long:
+            raise ValueError(f"ExecutedFrames.source must be a long tensor of shape ({n},) (frames x tokens per frame), "
+                             f"got {self.source.dtype} {tuple(self.source.shape)}")
+        if tuple(self.anchors.shape) != (n, dim):
+            raise ValueError(f"ExecutedFrames.anchors must be shaped ({n}, {dim}) (a token vector per token), "
+                             f"got {tuple(self.anchors.shape)}")
+        src = self.source
+        roots = torch.where(src < 0, torch.arange(n, device=src.device), src)
+        if n and not bool(((src >= -1) & (src < n) & (roots[roots] == roots)).all()):  # one sync
+            raise ValueError("ExecutedFrames.source must hold, per token, itself (computed), a computed context "
+                             "token before the new frames, or -1 (a token before the context)")
+
+
+@attrs.frozen
 class PlanContext:
     """Everything a planner may look at. Planners must not modify it.
 
@@ -44,6 +80,9 @@ class PlanContext:
         since_keyframe: the video continues a stream whose last keyframe was this many
             frames before its first (a streamed planning context): the GOP's ``keyint``
             counts from there (``Schedule.from_gop``). 0: the first frame starts the GOP.
+        executed: the leading frames already planned and run (a stream's past): planners
+            that honour it (every threshold planner) keep their decisions, chain new tokens
+            onto them and guard against what they really copy; None: plan every frame.
     """
 
     latents: torch.Tensor
@@ -54,6 +93,7 @@ class PlanContext:
     temporal_factor: int = TEMPORAL_FACTOR
     seed: int = 0
     since_keyframe: int = 0
+    executed: ExecutedFrames | None = None
 
     def __attrs_post_init__(self):
         if self.latents.ndim != 4:
@@ -61,7 +101,9 @@ class PlanContext:
                 f"PlanContext.latents must be (C, F, H, W), got shape {tuple(self.latents.shape)}; "
                 "use lipcodec.plan() for (B, C, F, H, W) batches"
             )
-        Grid.from_latents(self.latents.shape, self.patch_size)  # validates divisibility
+        grid = Grid.from_latents(self.latents.shape, self.patch_size)  # validates divisibility
+        if self.executed is not None:
+            self.executed.check(grid, self.latents.shape[0] * math.prod(self.patch_size))
 
     @property
     def grid(self) -> Grid:
@@ -76,10 +118,15 @@ class PlanContext:
         """Latents cut into tokens: (F', H', W', pt*ph*pw*C) float32, one vector per token.
 
         Values are ordered (pt, ph, pw, C) - the order Wan's ``proj_out`` gives each token."""
-        c, f, h, w = self.latents.shape
-        pt, ph, pw = self.patch_size
-        x = self.latents.float().view(c, f // pt, pt, h // ph, ph, w // pw, pw).permute(1, 3, 5, 2, 4, 6, 0)
-        return x.reshape(f // pt, h // ph, w // pw, pt * ph * pw * c)
+        return token_vectors(self.latents, self.patch_size)
+
+
+def token_vectors(latents: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+    """:meth:`PlanContext.tokens` of latents (C, F, H, W): (F', H', W', pt*ph*pw*C) float32."""
+    c, f, h, w = latents.shape
+    pt, ph, pw = patch_size
+    x = latents.float().view(c, f // pt, pt, h // ph, ph, w // pw, pw).permute(1, 3, 5, 2, 4, 6, 0)
+    return x.reshape(f // pt, h // ph, w // pw, pt * ph * pw * c)
 
 
 @runtime_checkable
@@ -179,6 +226,7 @@ def plan(
     temporal_factor: int = TEMPORAL_FACTOR,
     seed: int = 0,
     since_keyframe: int = 0,
+    executed: ExecutedFrames | None = None,
     kept_multiple: int | None = None,
     **params: Any,
 ) -> Plan:
@@ -189,7 +237,8 @@ def plan(
     the batch must be the same (CFG or several samples of one source): a plan is per video.
     ``kept_multiple``: round the kept count up to a multiple of this (:meth:`Plan.padded`),
     so compiled models see a few sequence lengths. ``since_keyframe``: the latents continue
-    a stream whose last keyframe was that many frames before them (:class:`PlanContext`).
+    a stream whose last keyframe was that many frames before them, ``executed`` says which
+    of their leading frames already ran and how (:class:`PlanContext`).
     """
     if kept_multiple is not None:
         check_kept_multiple(kept_multiple)
@@ -219,6 +268,7 @@ def plan(
         temporal_factor=temporal_factor,
         seed=seed,
         since_keyframe=since_keyframe,
+        executed=executed,
     )
     result = get(planner, **params)(ctx)
     return result if kept_multiple is None else result.padded(kept_multiple)
