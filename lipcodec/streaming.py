@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -49,13 +48,10 @@ from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 from einops import rearrange
 
 from .attention import RECOVERY_MODES, rotate
-from .gop import GOP, TEMPORAL_FACTOR
+from .gop import GOP
 from .plan import Grid
 from .planners import MotionField
-from .planners.registry import ExecutedFrames, token_vectors
-from .planners import get as get_planner
-from .planners import plan as make_plan
-from .planners.reference import ReferencePlanner
+from .stream_planning import ChunkPlan, StreamPlanning
 
 FIRST_CHUNK_MODES = ("full", "prune")
 
@@ -64,18 +60,6 @@ def flow_sigma(timestep: float, shift: float) -> float:
     """Shifted flow-matching noise level of a timestep in 0..1000 (Wan/Self-Forcing warp)."""
     s = timestep / 1000.0
     return shift * s / (1.0 + (shift - 1.0) * s)
-
-
-def causal_gop(gop: GOP | str | None) -> GOP | None:
-    """``gop`` (x264 params or a GOP) if a stream can follow it; B-frames raise ValueError."""
-    if isinstance(gop, str):
-        gop = GOP.from_x264_params(gop)
-    if gop is not None and gop.bframes:
-        raise ValueError(
-            f"GOP bframes={gop.bframes}: streaming is causal and B-frames reference frames that have not "
-            "arrived yet; use bframes=0 (P-frames only)"
-        )
-    return gop
 
 
 def _positive(instance, attribute, value):
@@ -196,37 +180,16 @@ class _Ahead:
     """A chunk's plan being made ahead: on a worker thread and the side CUDA ``stream``
     (None: the CPU, where it was made in place and ``made`` is already done)."""
 
-    made: concurrent.futures.Future  # -> _Planned
+    made: concurrent.futures.Future  # -> ChunkPlan
     stream: object
 
-    def take(self) -> _Planned:
+    def take(self) -> ChunkPlan:
         planned = self.made.result()  # the worker's errors surface here
         if self.stream is not None:  # the main stream waits for the plan, and owns it from here
             torch.cuda.current_stream(planned.source.device).wait_stream(self.stream)
-            for tensor in (planned.source, planned.finals, planned.anchors):
+            for tensor in (planned.rows, planned.source, planned.anchors):
                 tensor.record_stream(torch.cuda.current_stream(tensor.device))
         return planned
-
-
-@attrs.frozen
-class _PlanInputs:
-    context: torch.Tensor  # (B, C, f, H, W) source latents of the planning context
-    first: int  # its first stream frame
-    search_from: float | None  # the last chunk's threshold scale
-    budget: ReferencePlanner | None  # StreamRunner._budget_planner
-    since_keyframe: int  # frames from the stream's last keyframe at or before `first` to it
-    executed: ExecutedFrames | None  # the context's frames before the chunk, as they ran
-    finals: torch.Tensor  # (executed tokens,) the stream token each of them finally copies
-
-
-@attrs.frozen
-class _Planned:
-    source: torch.Tensor  # (N,) stream token id each token of the chunk takes its output from (in the context)
-    scale: float | None  # the target_kept search's threshold scale (the next search starts there)
-    seconds: float  # host time of the planning
-    keyframes: tuple[int, ...] = ()  # the chunk's frames its plan made keyframes (stream frame ids)
-    finals: torch.Tensor | None = None  # (N,) the computed stream token each finally copies (None: intra)
-    anchors: torch.Tensor | None = None  # (N, D) that token's vector: what later plans guard against
 
 
 # -- cache ----------------------------------------------------------------------------------
@@ -397,7 +360,11 @@ class StreamRunner:
                 f"sink + window + chunk = {c.sink + c.window + c.chunk} frames do not fit in rope_frames="
                 f"{self.rope_frames} positions: shrink the window or raise rope_frames"
             )
-        self.planner, self.gop, self.plan_kwargs = planner, causal_gop(gop), plan_kwargs
+        self.planner, self.plan_kwargs = planner, plan_kwargs
+        c = self.config
+        self.planning = StreamPlanning(planner, chunk=c.chunk, plan_context=c.plan_context, first_chunk=c.first_chunk,
+                                       gop=gop, patch_size=self.patch, motion=motion, **plan_kwargs)
+        self.gop = self.planning.gop
         rope = model.rope
         self._tables = (
             rope.freqs_cos.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1),
@@ -417,13 +384,8 @@ class StreamRunner:
         self._frames = 0  # frames processed
         self._chunks = 0
         self._offset = 0  # RoPE time shift
-        self._src_hist: torch.Tensor | None = None  # (B, C, f, H, W) source latents for planning
-        self._out_hist: torch.Tensor | None = None  # (B, f*tpf, P) restored output tokens
-        self._hist_start = 0  # first frame in both histories
-        self._sources: dict[int, torch.Tensor] = {}  # frame -> (tpf,) computed stream token each token copies
-        self._anchors: torch.Tensor | None = None  # (f*tpf, D) from _hist_start on: vectors of those tokens
-        self._threshold_scale: float | None = None  # the last target_kept plan's: the next search starts there
-        self._keyframes = [0]  # stream frames planned as keyframes (the GOP's keyint counts from the last)
+        self._out_hist: torch.Tensor | None = None  # (B, f*tpf, P) restored outputs from planning.first on
+        self.planning.reset()  # the source history, what each token copied, keyframes, the search's scale
         self._ahead: _Ahead | None = None  # the next chunk's plan, made while this chunk runs
         self._gen = None
 
@@ -540,11 +502,11 @@ class StreamRunner:
         if ahead is not None:  # made while the previous chunk ran, from these very frames
             planned = ahead.take()
         else:
-            self._remember_source(source)
-            planned = self._plan_rows(a, s)
-        src = planned.source  # (N,) stream token ids
-        self._remember_plan(a, s, planned)
-        if conf.plan_ahead and not self._intra and self._pending is not None and self._pending.shape[2] >= conf.chunk:
+            self.planning.add(source)
+            planned = self.planning.plan(a, s)
+        src = planned.rows  # (N,) stream token ids in the planning context (the output history holds them)
+        self.planning.record(planned)
+        if conf.plan_ahead and not self.planning.intra and self._pending is not None and self._pending.shape[2] >= conf.chunk:
             self._plan_ahead(a + s, self._pending[:, :, : conf.chunk])  # the next chunk, while this one runs
         self._shift_positions(a + s)
         idx = self._index(a, s, src)
@@ -564,8 +526,7 @@ class StreamRunner:
         self._frames += s
         self._chunks += 1
         seconds = time.perf_counter() - start_time
-        finals = src if planned.finals is None else planned.finals
-        return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, finals.cpu(), planned.seconds,
+        return Chunk(self._chunks - 1, a, x0, seconds, int(idx.keep.numel()), n, planned.source.cpu(), planned.seconds,
                      planned_ahead=ahead is not None)
 
     def _plan_ahead(self, a: int, source: torch.Tensor):
@@ -574,9 +535,9 @@ class StreamRunner:
         the planner's host work and its syncs (it reads kept ratios and chain ends back) do
         not hold up this thread's launches - though the two threads share one interpreter,
         which on some hosts slows both (docs/streaming.md). On the CPU it plans in place."""
-        self._remember_source(source)
-        inputs = self._plan_inputs(a, source.shape[2])
-        job = functools.partial(self._plan_rows, a, source.shape[2], inputs)
+        self.planning.add(source)
+        inputs = self.planning.inputs(a, source.shape[2])
+        job = functools.partial(self.planning.plan, a, source.shape[2], inputs)
         if not source.is_cuda:
             made = concurrent.futures.Future()
             made.set_result(job())
@@ -584,7 +545,8 @@ class StreamRunner:
             return
         stream = self._plan_stream = self._plan_stream or torch.cuda.Stream(source.device)
         stream.wait_stream(torch.cuda.current_stream(source.device))  # the pushed frames are on the GPU
-        for tensor in (self._src_hist, inputs.finals, *([] if inputs.executed is None else [inputs.executed.anchors])):
+        for tensor in (self.planning.history, inputs.sources,
+                       *([] if inputs.executed is None else [inputs.executed.anchors])):
             tensor.record_stream(stream)  # made on this stream, read on the side one
         if self._plan_worker is None:
             self._plan_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lipcodec-plan")
@@ -689,126 +651,15 @@ class StreamRunner:
                 fr.pos -= delta
         self._offset = offset
 
-    # -- planning ------------------------------------------------------------------------------
-    def _remember_source(self, source):
-        if self._intra:
-            return
-        hist = source if self._src_hist is None else torch.cat([self._src_hist, source], 2)
-        self._src_hist = hist
-
-    @functools.cached_property
-    def _plan_params(self) -> tuple[dict, dict]:
-        """``plan_kwargs`` split into :func:`lipcodec.plan`'s own keywords and the planner's parameters."""
-        own = inspect.signature(make_plan).parameters
-        kwargs = self.plan_kwargs
-        return {k: v for k, v in kwargs.items() if k in own}, {k: v for k, v in kwargs.items() if k not in own}
-
-    @functools.cached_property
-    def _budget_planner(self) -> ReferencePlanner | None:
-        """The threshold planner whose ``target_kept`` is each chunk's budget - given by name
-        with ``target_kept=`` or as an object with it set (``lipcodec edit --stream``); None
-        when there is no such budget. Decided once."""
-        params = self._plan_params[1]
-        planner = get_planner(self.planner, **params) if isinstance(self.planner, str) else self.planner
-        return planner if isinstance(planner, ReferencePlanner) and planner.target_kept is not None else None
-
-    @property
-    def _intra(self) -> bool:
-        return isinstance(self.planner, str) and self.planner == "intra"
-
-    def _plan_inputs(self, a: int, s: int) -> _PlanInputs:
-        """What planning the chunk at frame ``a`` reads of the stream's state, taken now: the
-        planning context (frames [first, a + s)), its frames that already ran (their sources
-        and anchors, :class:`ExecutedFrames`) and where the budget search starts."""
-        ctx, first, tpf = self.config.plan_context, self._hist_start, self.tpf
-        if ctx is not None:
-            first = max(first, a + self.config.chunk - ctx)
-        context = self._src_hist[:, :, first - self._hist_start : a + s - self._hist_start]
-        last_keyframe = max(k for k in self._keyframes if k <= first)
-        done = a - first
-        finals = torch.cat([self._sources[f] for f in range(first, a)]) if done else torch.zeros(
-            0, dtype=torch.long, device=context.device)
-        executed = None
-        if done:
-            local = finals - first * tpf
-            anchors = self._anchors[(first - self._hist_start) * tpf : (a - self._hist_start) * tpf]
-            executed = ExecutedFrames(done, torch.where(local < 0, -1, local), anchors)
-        return _PlanInputs(context, first, self._threshold_scale, self._budget_planner, first - last_keyframe,
-                           executed, finals)
-
-    def _plan_rows(self, a: int, s: int, inputs: _PlanInputs | None = None) -> _Planned:
-        """Stream token ids the chunk's tokens take their output from (itself = computed).
-        Reads only ``inputs`` of the stream's state, so a worker thread may run it."""
-        start = time.perf_counter()
-        n = s * self.tpf
-        ids = torch.arange(a * self.tpf, (a + s) * self.tpf, device=self.model.device)
-        if self._intra:
-            return _Planned(ids, None, time.perf_counter() - start)
-        inputs = inputs or self._plan_inputs(a, s)
-        own = token_vectors(inputs.context[0, :, -s:], self.patch).reshape(n, -1).to(ids.device)  # (N, D)
-        if a == 0 and self.config.first_chunk == "full":
-            return _Planned(ids, None, time.perf_counter() - start, finals=ids, anchors=own)
-        planner, kwargs = self.planner, self.plan_kwargs
-        budget = inputs.budget
-        if budget is not None:  # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
-            planner = attrs.evolve(
-                budget, budget_frames=s if budget.budget_frames is None else budget.budget_frames,
-                search_from=inputs.search_from if budget.search_from is None else budget.search_from)
-            kwargs = self._plan_params[0]  # the planner's parameters are in it
-        if self.motion is not None:  # the field from the context's first frame: latent frame f = pixel frame 4f
-            first = inputs.first * kwargs.get("temporal_factor", TEMPORAL_FACTOR)
-            kwargs = {**kwargs, "motion": attrs.evolve(self.motion, vectors=self.motion.vectors[first:],
-                                                       picture_types=self.motion.picture_types[first:])}
-        plan = make_plan(inputs.context, planner, gop=self.gop, patch_size=self.patch,
-                         **{**kwargs, "since_keyframe": inputs.since_keyframe, "executed": inputs.executed})
-        base = inputs.first * self.tpf
-        local = plan.source[-n:].to(ids.device)  # (N,) context token ids
-        src = local + base
-        types = plan.schedule.types
-        keyframes = tuple(inputs.first + t for t in range(len(types) - s, len(types)) if types[t] in "Ii")
-        ahead = src // self.tpf > ids // self.tpf
-        if ahead.any():
-            i = int(ahead.nonzero()[0, 0])
-            raise ValueError(
-                f"planner {self.planner!r} made token {int(ids[i])} (frame {int(ids[i]) // self.tpf}) reuse token "
-                f"{int(src[i])} of a later frame: streaming plans may only reference the past (no B-frames)"
-            )
-        # what each token finally copies: a token that ran before copies what it copied (its
-        # anchor), a token of this chunk itself
-        finals = torch.cat([inputs.finals.to(ids.device), ids])[local]
-        past = inputs.executed.anchors.to(own) if inputs.executed is not None else own[:0]
-        anchors = torch.cat([past, own])[local]
-        return _Planned(src, plan.meta.get("threshold_scale"), time.perf_counter() - start, keyframes, finals, anchors)
-
-    def _remember_plan(self, a: int, s: int, planned: _Planned):
-        """Record what the chunk at frame ``a`` will copy, before the next chunk is planned."""
-        self._threshold_scale = planned.scale if planned.scale is not None else self._threshold_scale
-        self._keyframes += planned.keyframes
-        if self._intra:
-            return
-        for f in range(s):
-            self._sources[a + f] = planned.finals[f * self.tpf : (f + 1) * self.tpf]
-        self._anchors = planned.anchors if self._anchors is None else torch.cat([self._anchors, planned.anchors])
-
+    # -- planning history ----------------------------------------------------------------------
     def _remember_output(self, x0, a, s):
-        if self._intra:
+        if self.planning.intra:
             return
         tokens = self._patchify(x0)  # (B, N, P)
         self._out_hist = tokens if self._out_hist is None else torch.cat([self._out_hist, tokens], 1)
-        ctx = self.config.plan_context
-        if ctx is not None:  # keep the frames the next chunk's plan context can reach
-            first = max(0, a + s + self.config.chunk - ctx)
-            if first > self._hist_start:
-                cut = first - self._hist_start
-                self._src_hist = self._src_hist[:, :, cut:]
-                self._out_hist = self._out_hist[:, cut * self.tpf :]
-                self._anchors = self._anchors[cut * self.tpf :]
-                self._hist_start = first
-        # the keyframe keyint counts from for any later context (they start at hist_start or after)
-        last_keyframe = max(k for k in self._keyframes if k <= self._hist_start)
-        self._keyframes = [k for k in self._keyframes if k >= last_keyframe]
-        keep = {fr.index for fr in self._cache.frames} | set(range(self._hist_start, a + s))
-        self._sources = {f: v for f, v in self._sources.items() if f in keep}
+        # what the next planning contexts reach, and what the cached frames copy
+        cut = self.planning.trim(a + s, keep={fr.index for fr in self._cache.frames})
+        self._out_hist = self._out_hist[:, cut * self.tpf :]
 
     # -- indices for one chunk -----------------------------------------------------------------
     def _index(self, a: int, s: int, src: torch.Tensor) -> _ChunkIndex:
@@ -845,7 +696,7 @@ class StreamRunner:
             past = local < 0
             restore = torch.where(past, n + past.cumsum(0) - 1, local)
             if self._out_hist is not None:
-                history = self._out_hist[:, src[past] - self._hist_start * tpf]  # (B, R, P)
+                history = self._out_hist[:, src[past] - self.planning.first * tpf]  # (B, R, P)
         frame_kept = tuple(torch.bincount(keep // tpf, minlength=s).tolist())
         return _ChunkIndex(keep, identity, rope, src, passes["denoise"], passes["clean"], frame_kept, restore, history)
 
@@ -865,7 +716,7 @@ class StreamRunner:
         if self._cache.frames:
             last = self._cache.frames[-1]
             fallback = last.index * tpf + ref % tpf
-            origin = self._sources.get(last.index)  # prefer the token that place copies (one hop)
+            origin = self.planning.sources.get(last.index)  # prefer the token that place copies (one hop)
             if origin is not None:
                 hop_rows, hop_pos = self._cache.lookup(origin[ref % tpf], tpf)
                 fallback = torch.where(hop_rows >= 0, origin[ref % tpf], fallback)
@@ -902,7 +753,7 @@ class StreamRunner:
         ids = torch.arange(a * tpf, a * tpf + n, device=device)
         refs = [src[src != ids]]
         for fr in cache.frames:
-            origin = self._sources.get(fr.index)
+            origin = self.planning.sources.get(fr.index)
             if origin is not None:
                 own = torch.arange(fr.index * tpf, (fr.index + 1) * tpf, device=device)
                 refs.append(origin[origin != own])

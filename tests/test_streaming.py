@@ -530,7 +530,7 @@ def test_lipar_planner_streams_with_bounded_history(model):
         assert (c.source[reused] // 144 < 3).float().mean() > 0.8
         if c.start + 3 > 6:
             assert (c.source[reused] // 144 < c.start + 3 - 6).any()
-    assert runner._src_hist.shape[2] == 3 and runner._out_hist.shape[1] == 3 * 144  # history bounded
+    assert runner.planning.history.shape[2] == 3 and runner._out_hist.shape[1] == 3 * 144  # history bounded
     assert torch.isfinite(cat(chunks)).all()
 
 
@@ -555,10 +555,11 @@ def test_frames_that_ran_are_kept_so_context_beyond_the_planners_reach_changes_n
                               planner="lipar")
         runs[context] = runner.push(x)
         tpf = runner.tpf
-        for f, finals in runner._sources.items():  # what each token finally copies was computed
-            for g in set((finals // tpf).tolist()) & set(runner._sources):
+        sources = runner.planning.sources
+        for f, finals in sources.items():  # what each token finally copies was computed
+            for g in set((finals // tpf).tolist()) & set(sources):
                 mine = finals[finals // tpf == g]
-                assert torch.equal(runner._sources[g][mine % tpf], mine)
+                assert torch.equal(sources[g][mine % tpf], mine)
     short, full = runs[8], runs[None]
     assert 0.1 < sum(c.kept for c in full[1:]) / sum(c.tokens for c in full[1:]) < 0.9
     assert all(torch.equal(a.source, b.source) and torch.equal(a.latents, b.latents) for a, b in zip(short, full))
@@ -566,12 +567,28 @@ def test_frames_that_ran_are_kept_so_context_beyond_the_planners_reach_changes_n
     assert len({int(c.kept) for c in full[2:]}) > 1
 
 
+def test_stream_planning_alone_makes_the_runners_plans(model):
+    """StreamPlanning.push replays a stream's plans without a model: the runner's, chunk by chunk."""
+    from lipcodec.stream_planning import StreamPlanning
+
+    x, (_, text) = drifting_corner(), video()
+    runner = StreamRunner(model, text, StreamConfig(chunk=3, window=3), planner="lipar", target_kept=0.6)
+    chunks = runner.push(x)
+    planning = StreamPlanning("lipar", chunk=3, target_kept=0.6)
+    plans = [planning.push(x[:, :, a : a + 3]) for a in range(0, 15, 3)]
+    assert [p.start for p in plans] == [c.start for c in chunks]
+    assert all(torch.equal(p.source, c.source) for p, c in zip(plans, chunks))
+    assert [p.kept_ratio for p in plans] == [c.kept_ratio for c in chunks]
+    assert plans[0].kept_ratio == 1.0 and all(abs(p.kept_ratio - 0.6) <= 1 / 12 for p in plans[1:])
+    assert planning.history.shape[2] == 8 - 3  # what the next context can reach
+
+
 def test_bitstream_planner_gets_the_motion_its_context_covers(model, monkeypatch):
     """Codec motion vectors in streaming: each chunk's planner sees the field from its plan
     context's first frame on (latent frame f = pixel frame 4f), so its frame 0 is the context's."""
     import numpy as np
 
-    from lipcodec import streaming
+    from lipcodec import stream_planning
     from lipcodec.planners import MotionField
 
     x, text = video(12)
@@ -579,14 +596,14 @@ def test_bitstream_planner_gets_the_motion_its_context_covers(model, monkeypatch
     vectors = np.zeros((frames, 4, 4, 2), np.float32)
     vectors[..., 0] = np.arange(frames)[:, None, None]  # dy = the pixel frame's index: tells which frame it is
     motion = MotionField(vectors, block=16, frame_size=(64, 64), picture_types="I" + "P" * (frames - 1))
-    seen, real = [], streaming.make_plan
+    seen, real = [], stream_planning.make_plan
 
     def spy(context, *args, **kwargs):
         field = kwargs["motion"]
         seen.append((context.shape[2], float(field.vectors[0, 0, 0, 0]), len(field.vectors), len(field.picture_types)))
         return real(context, *args, **kwargs)
 
-    monkeypatch.setattr(streaming, "make_plan", spy)
+    monkeypatch.setattr(stream_planning, "make_plan", spy)
     runner = StreamRunner(model, text, StreamConfig(chunk=3, plan_context=6), planner="bitstream", motion=motion)
     chunks = runner.push(x)
     assert len(chunks) == 4 and len(seen) == 3  # chunk 0 is computed in full, unplanned
@@ -603,8 +620,8 @@ def test_proportional_multiplicities(model):
     x, text = video(6)
     runner = StreamRunner(model, text, StreamConfig(chunk=3, recovery="proportional"), planner=SamePlace(0.5))
     runner.push(x[:, :, :3])  # chunk 0: computed in full, 48 rows
-    runner._remember_source(x[:, :, 3:])
-    src = runner._plan_rows(3, 3).source
+    runner.planning.add(x[:, :, 3:])
+    src = runner.planning.plan(3, 3).rows
     idx = runner._index(3, 3, src)
     ids = torch.arange(48, 96)
     keep = ids[src == ids]
@@ -635,7 +652,7 @@ def test_target_kept_is_each_chunks_budget(model):
         assert chunks[0].kept_ratio == 1.0  # first_chunk="full"
         for c in chunks[1:]:
             assert abs(c.kept_ratio - 0.6) <= 1 / 12, [c.kept_ratio for c in chunks]  # within 1/4 frame's share
-        assert runner._threshold_scale is not None  # each chunk's search started at the previous chunk's scale
+        assert runner.planning.threshold_scale is not None  # each chunk's search started at the previous chunk's scale
         streams.append([c.source for c in chunks])
     assert all(torch.equal(a, b) for a, b in zip(*streams))  # by name or as an object: the same plans
 
