@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-import lipcodec
 from lipcodec import fixtures
+from lipcodec.stream_planning import StreamPlanning
 
 
 def _budget_search():
@@ -49,11 +49,11 @@ def main(argv=None) -> dict:
     latents = fixtures.looped_latents(path, args.frames, tuple(args.size)).to(args.device)
     search.replay(latents, args.target_kept, 3, 8, "lipar")  # warm-up
 
-    def fixed():
-        starts = range(3, args.frames - 2, 3)
-        for a in starts:
-            lipcodec.plan(latents[:, :, max(0, a + 3 - 21) : a + 3], "lipar", tau1=args.tau[0], tau2=args.tau[1])
-        return list(starts)
+    def fixed():  # the same stream, one decision per chunk (chunk 0 is computed in full, unplanned)
+        planning = StreamPlanning("lipar", chunk=3, plan_context=8, tau1=args.tau[0], tau2=args.tau[1])
+        for a in range(0, args.frames - 2, 3):
+            planning.push(latents[:, :, a : a + 3])
+        return list(range(3, args.frames - 2, 3))
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     result = {}
