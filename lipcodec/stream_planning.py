@@ -95,6 +95,12 @@ class StreamPlanning:
     def __init__(self, planner="intra", *, chunk: int = 3, plan_context: int | None = 8, first_chunk: str = "full",
                  gop: GOP | str | None = None, patch_size=(1, 2, 2), motion: MotionField | None = None,
                  **plan_kwargs):
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk={chunk!r}: use an int >= 1 (latent frames per chunk)")
+        if plan_context is not None and plan_context < chunk:
+            raise ValueError(f"plan_context={plan_context} is shorter than chunk={chunk}")
+        if first_chunk not in ("full", "prune"):
+            raise ValueError(f"first_chunk={first_chunk!r}: use 'full' or 'prune'")
         self.planner, self.gop, self.motion, self.plan_kwargs = planner, causal_gop(gop), motion, plan_kwargs
         self.chunk, self.plan_context, self.first_chunk = chunk, plan_context, first_chunk
         self.patch = tuple(int(p) for p in patch_size)
@@ -115,6 +121,8 @@ class StreamPlanning:
     # -- the whole step ------------------------------------------------------------------------
     def push(self, source: torch.Tensor) -> ChunkPlan:
         """Plan the next chunk, source latents (B, C, S, H, W), and record it as run."""
+        if source.ndim != 5:
+            raise ValueError(f"source latents must be (B, C, S, H, W), got shape {tuple(source.shape)}")
         a, s = self.frames, source.shape[2]
         self.add(source)
         planned = self.plan(a, s)

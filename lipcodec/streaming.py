@@ -187,8 +187,9 @@ class _Ahead:
         planned = self.made.result()  # the worker's errors surface here
         if self.stream is not None:  # the main stream waits for the plan, and owns it from here
             torch.cuda.current_stream(planned.source.device).wait_stream(self.stream)
-            for tensor in (planned.rows, planned.source, planned.anchors):
-                tensor.record_stream(torch.cuda.current_stream(tensor.device))
+            for tensor in (planned.rows, planned.source, planned.anchors):  # anchors: None for intra
+                if tensor is not None:
+                    tensor.record_stream(torch.cuda.current_stream(tensor.device))
         return planned
 
 

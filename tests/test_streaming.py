@@ -16,6 +16,7 @@ Two references, both built on diffusers' own ``WanTransformer3DModel.forward``:
 from __future__ import annotations
 
 import copy
+import re
 
 import attrs
 import pytest
@@ -581,6 +582,13 @@ def test_stream_planning_alone_makes_the_runners_plans(model):
     assert [p.kept_ratio for p in plans] == [c.kept_ratio for c in chunks]
     assert plans[0].kept_ratio == 1.0 and all(abs(p.kept_ratio - 0.6) <= 1 / 12 for p in plans[1:])
     assert planning.history.shape[2] == 8 - 3  # what the next context can reach
+    for kwargs, message in (({"plan_context": 2}, "plan_context=2 is shorter than chunk=3"),
+                            ({"first_chunk": "half"}, "first_chunk='half': use 'full' or 'prune'"),
+                            ({"gop": "bframes=2"}, "GOP bframes=2: streaming is causal")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            StreamPlanning("lipar", **kwargs)
+    with pytest.raises(ValueError, match=re.escape("source latents must be (B, C, S, H, W), got shape (4, 3, 24, 24)")):
+        planning.push(x[0, :, :3])
 
 
 def test_bitstream_planner_gets_the_motion_its_context_covers(model, monkeypatch):
