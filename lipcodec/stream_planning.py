@@ -104,6 +104,8 @@ class StreamPlanning:
         self.planner, self.gop, self.motion, self.plan_kwargs = planner, causal_gop(gop), motion, plan_kwargs
         self.chunk, self.plan_context, self.first_chunk = chunk, plan_context, first_chunk
         self.patch = tuple(int(p) for p in patch_size)
+        if len(self.patch) != 3 or self.patch[0] != 1:
+            raise ValueError(f"patch_size={patch_size!r}: a stream needs (1, h, w) - a temporal patch of 1")
         self.reset()
 
     def reset(self):

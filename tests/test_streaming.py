@@ -584,7 +584,8 @@ def test_stream_planning_alone_makes_the_runners_plans(model):
     assert planning.history.shape[2] == 8 - 3  # what the next context can reach
     for kwargs, message in (({"plan_context": 2}, "plan_context=2 is shorter than chunk=3"),
                             ({"first_chunk": "half"}, "first_chunk='half': use 'full' or 'prune'"),
-                            ({"gop": "bframes=2"}, "GOP bframes=2: streaming is causal")):
+                            ({"gop": "bframes=2"}, "GOP bframes=2: streaming is causal"),
+                            ({"patch_size": (2, 2, 2)}, "patch_size=(2, 2, 2): a stream needs (1, h, w)")):
         with pytest.raises(ValueError, match=re.escape(message)):
             StreamPlanning("lipar", **kwargs)
     with pytest.raises(ValueError, match=re.escape("source latents must be (B, C, S, H, W), got shape (4, 3, 24, 24)")):
