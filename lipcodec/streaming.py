@@ -187,9 +187,8 @@ class _Ahead:
         planned = self.made.result()  # the worker's errors surface here
         if self.stream is not None:  # the main stream waits for the plan, and owns it from here
             torch.cuda.current_stream(planned.source.device).wait_stream(self.stream)
-            for tensor in (planned.rows, planned.source, planned.anchors):  # anchors: None for intra
-                if tensor is not None:
-                    tensor.record_stream(torch.cuda.current_stream(tensor.device))
+            for tensor in (planned.rows, planned.source, planned.anchors):
+                tensor.record_stream(torch.cuda.current_stream(tensor.device))
         return planned
 
 
@@ -335,13 +334,15 @@ class StreamRunner:
         motion: the source's codec motion vectors (``read_video(path, motion=True).motion``,
             pixel frame 0 = the stream's first frame), for the ``bitstream`` planner: each
             chunk's planner gets the part of the field its plan context covers.
+
+    ``planner``, ``gop``, ``motion`` and ``plan_kwargs`` go to ``self.planning``, a
+    :class:`~lipcodec.stream_planning.StreamPlanning`: the stream's planning and its history.
     """
 
     def __init__(self, model, prompt_embeds: torch.Tensor, config: StreamConfig | None = None, *,
                  planner="intra", gop: GOP | str | None = None, compile: bool = False,
                  motion: MotionField | None = None, **plan_kwargs):
         self.model = model
-        self.motion = motion
         self._block_with_cache = torch.compile(_block_with_cache, dynamic=True) if compile else _block_with_cache
         self.config = config or StreamConfig()
         cfg = model.config
@@ -361,11 +362,8 @@ class StreamRunner:
                 f"sink + window + chunk = {c.sink + c.window + c.chunk} frames do not fit in rope_frames="
                 f"{self.rope_frames} positions: shrink the window or raise rope_frames"
             )
-        self.planner, self.plan_kwargs = planner, plan_kwargs
-        c = self.config
         self.planning = StreamPlanning(planner, chunk=c.chunk, plan_context=c.plan_context, first_chunk=c.first_chunk,
                                        gop=gop, patch_size=self.patch, motion=motion, **plan_kwargs)
-        self.gop = self.planning.gop
         rope = model.rope
         self._tables = (
             rope.freqs_cos.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1),
