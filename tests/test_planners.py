@@ -372,31 +372,32 @@ def test_resolve_in_rounds_equals_the_coding_order_loop(gop, tau2, done):
     reuse &= torch.tensor([bool(r) for r in schedule.refs])[:, None]
     best_distance = ops.trimmed_l1(tokens, tokens[best_source.flatten()]).reshape(f, hw)
 
-    def memo():
+    executed = torch.zeros(f, hw, dtype=torch.bool)
+
+    def memo():  # the verdicts known up front: the direct reference's match, and executed tokens (they ran)
         m = _GuardMemo(f * hw, "cpu")
         if tau2 is not None:
-            m.final, m.ok = best_source.flatten().clone(), (best_distance <= tau2).flatten()
+            m.final, m.ok = best_source.flatten().clone(), executed.flatten() | (best_distance <= tau2).flatten()
         return m
 
-    executed = torch.zeros(f, hw, dtype=torch.bool)
     if done:  # the first frames ran already, as some other decision (no guard) made them: kept as they are
-        ran, _ = _resolve(schedule, tokens, best_source, reuse, None, (0.2, 0.8), memo(), executed)
+        ran, _ = _resolve(schedule, tokens, best_source, reuse, None, (0.2, 0.8), memo())
         ran = ran[: done * hw]
         ran = torch.where((ran < done * hw) & (torch.arange(done * hw) % 3 > 0), ran, torch.arange(done * hw))
         best_source, reuse = best_source.clone(), reuse.clone()
         best_source[:done] = ran.reshape(done, hw)
         reuse[:done] = (ran != torch.arange(done * hw)).reshape(done, hw)
         executed[:done] = True
-    loop, settled = _resolve(schedule, tokens, best_source, reuse, tau2, (0.2, 0.8), memo(), executed)
+    loop, settled = _resolve(schedule, tokens, best_source, reuse, tau2, (0.2, 0.8), memo())
     assert settled
     if done:
         assert torch.equal(loop[: done * hw], ran)
-    rounds, settled = _resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo(), executed)
+    rounds, settled = _resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo())
     assert settled and torch.equal(rounds, loop)
     # a fixed number of rounds (what a CUDA graph holds) settles exactly from the number the
     # chains need on, with the loop's sources; fewer rounds say they have not settled. A
     # chain has at most one token per frame left to decide: f - done + 1 rounds always settle
-    fixed = [_resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo(), executed, k)
+    fixed = [_resolve_rounds(f, tokens, best_source, reuse, tau2, (0.2, 0.8), memo(), k)
              for k in range(1, f - done + 2)]
     need = next(k for k, (_, ok) in enumerate(fixed, 1) if ok)
     assert all(ok and torch.equal(out, loop) for out, ok in fixed[need - 1 :])

@@ -198,9 +198,9 @@ class ReferencePlanner:
         short_reuse = score <= tau
         reuse = (short_reuse | executed) & eligible  # executed tokens: eligible = they were reused
         memo = _GuardMemo(f * hw, flat.device)  # the second resolve re-checks mostly the same pairs
-        if guard is not None:  # a chain that ends at the direct reference: its match distance
-            memo.final, memo.ok = direct.clone(), (distance <= guard).flatten()
-        source, settled = _resolve(schedule, flat, best_source, reuse, guard, self.trim, memo, executed, rounds)
+        if guard is not None:  # a chain that ends at the direct reference: its match distance; executed tokens ran
+            memo.final, memo.ok = direct.clone(), executed.flatten() | (distance <= guard).flatten()
+        source, settled = _resolve(schedule, flat, best_source, reuse, guard, self.trim, memo, rounds)
         if type(self).postprocess is ReferencePlanner.postprocess:  # no clean-up: nothing to resolve again
             return source, settled
         # keyframes are computed by type, not by change: in the clean-up they vote with their
@@ -213,7 +213,7 @@ class ReferencePlanner:
         final = self.postprocess(reused.reshape(f, *shape))
         final = (final.reshape(f, hw) | executed) & eligible
         source, again = _resolve(schedule, flat, best_source, final, guard if self.reverify else None, self.trim, memo,
-                                 executed, rounds)
+                                 rounds)
         return source, settled & again
 
     def _references(self, ctx, matches, schedule: Schedule, device) -> _References:
@@ -246,7 +246,7 @@ class ReferencePlanner:
         eligible = torch.isfinite(best_distance) & ~keyframe[:, None]
         ids = torch.arange(f * hw, device=device)
         executed = torch.zeros((f, hw), dtype=torch.bool, device=device)
-        direct = best_source.flatten()  # what a token's guard verdict from its match distance is for
+        direct = best_source.flatten()  # the final source a token's match distance gives the guard verdict for
         if ctx.executed is not None and ctx.executed.frames:  # their decisions as they ran
             done = ctx.executed.frames
             ran = ctx.executed.source.to(device)
@@ -259,6 +259,7 @@ class ReferencePlanner:
             anchored = torch.zeros(f * hw, dtype=torch.bool, device=device)
             anchored[: done * hw] = before
             direct = torch.where(anchored[direct], -1, direct)  # their anchor is not the match
+            direct[: done * hw] = parent  # executed tokens: the root they copy, a known pass (_settle)
         return _References(best_distance, best_source, keyframe, self.score(ctx, short_term).reshape(f, hw),
                            eligible, ids, executed, direct)
 
@@ -328,7 +329,7 @@ class _References:
     eligible: torch.Tensor  # (F, HW) has a reference and is not in a keyframe; executed: was reused
     ids: torch.Tensor  # (F * HW,) arange: token ids
     executed: torch.Tensor  # (F, HW) bool: decided before (ExecutedFrames), kept as it ran
-    direct: torch.Tensor  # (F * HW,) the token whose guard verdict the match distance gives (-1: none)
+    direct: torch.Tensor  # (F * HW,) the final source whose guard verdict is known up front (-1: none)
 
 
 @attrs.frozen
@@ -369,18 +370,18 @@ class _GuardMemo:
         return verdict
 
 
-def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, executed, rounds: int | None = None):
+def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, rounds: int | None = None):
     """Point reused tokens at the computed token their reference finally copies (coding order).
 
     With ``tau2``, a token whose final source is farther than ``tau2`` is computed instead
-    (not an ``executed`` one: (F, HW) bool, decided before and pointing at roots already).
+    (verdicts the ``memo`` holds are not checked again: executed frames' tokens pass).
     The definition is the loop over frames in coding order (the CPU runs it, checking only
     the candidates); a GPU gets the same result from :func:`_resolve_rounds`. Returns the
     sources and whether they settled (a 0-d bool tensor; False only on a GPU given too few
     ``rounds``).
     """
     if flat.is_cuda:
-        return _resolve_rounds(len(schedule), flat, best_source, reuse, tau2, trim, memo, executed, rounds)
+        return _resolve_rounds(len(schedule), flat, best_source, reuse, tau2, trim, memo, rounds)
     f, hw = best_source.shape
     source = torch.arange(f * hw, device=flat.device)
     for t in schedule.coding_order:
@@ -389,14 +390,13 @@ def _resolve(schedule, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, e
         ids = torch.arange(t * hw, (t + 1) * hw, device=flat.device)
         final = source[best_source[t]]  # references are coded earlier: already resolved
         use = reuse[t].nonzero().flatten()
-        if tau2 is not None and not executed[t, 0]:
+        if tau2 is not None:
             use = use[memo.check(flat, ids[use], final[use], tau2, trim)]
         source[ids[use]] = final[use]
     return source, torch.ones((), dtype=torch.bool)
 
 
-def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, executed,
-                    rounds: int | None = None):
+def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _GuardMemo, rounds: int | None = None):
     """:func:`_resolve` for the whole video at once, in rounds of pointer jumping.
 
     Each round follows every candidate's chain to its end (log2(frames) jumps), guards all
@@ -421,8 +421,8 @@ def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _Gu
         if tau2 is None:
             return final, settled
         # linked tokens are candidates (others point at themselves), and a chain's root is
-        # never bad: neither needs masking again; executed tokens stay as they ran
-        bad = (parent != ids) & ~memo.check(flat, None, final, tau2, trim) & ~executed.flatten()
+        # never bad: neither needs masking again
+        bad = (parent != ids) & ~memo.check(flat, None, final, tau2, trim)
         before = bad[parent]  # some token before it on its chain fails
         for hop in hops[:-1]:
             before = before | before[hop]
