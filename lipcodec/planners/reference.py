@@ -403,8 +403,8 @@ def _resolve_rounds(frames: int, flat, best_source, reuse, tau2, trim, memo: _Gu
     tokens in one batch, and makes computed the *first* failures on each chain - those have
     no failing token before them, so their verdict is the loop's. Later tokens of a chain
     are judged again next round against their new end. Rounds = 1 + the most guard failures
-    on one chain (1-15 on streamed chunks of real footage, most 4-7) instead of one step per
-    frame in coding order. ``rounds=None``: until no chain fails, one host sync per round;
+    on one chain (1-15 on 21-frame contexts of real footage, most 4-7; at most 1 + the frames
+    left to decide) instead of one step per frame in coding order. ``rounds=None``: until no chain fails, one host sync per round;
     ``rounds=k``: exactly k rounds and no sync (a CUDA graph can hold them), settled if the
     last round found no failure - once settled, a round changes nothing.
     """
@@ -443,5 +443,5 @@ def _params(planner, search: bool = True):
 
 
 _SEARCH = {"name", "target_kept", "budget_frames", "search_from"}
-_GRAPH_ROUNDS = 10  # chain-resolution rounds a captured decision runs: enough for 94-98% of streamed chunks' resolves
+_GRAPH_ROUNDS = 10  # the most chain-resolution rounds a captured decision runs: 94-98% of 21-frame contexts' resolves
 DECISION_GRAPHS = Graphs()  # captured decisions, keyed by planner, schedule and grid (docs/planners.md)
