@@ -29,8 +29,9 @@ from lipcodec.planners.reference import ReferencePlanner
 from lipcodec.stream_planning import StreamPlanning
 
 
-def replay(latents, target: float, chunk: int, context: int, planner: str) -> list[dict]:
-    """Plan a stream as the streaming runner does (chunk 0 in full); one row per chunk 1.."""
+def replay(latents, target: float, chunk: int, context: int, planner: str, compile: bool = False) -> list[dict]:
+    """Plan a stream as the streaming runner does (chunk 0 in full); one row per chunk 1..
+    ``compile``: the decisions compiled (``StreamPlanning(compile=True)``)."""
     decisions, decide = [], ReferencePlanner._decide
 
     def counted(self, *args):
@@ -38,7 +39,7 @@ def replay(latents, target: float, chunk: int, context: int, planner: str) -> li
         return decide(self, *args)
 
     rows, frames = [], latents.shape[2]
-    planning = StreamPlanning(planner, chunk=chunk, plan_context=context, target_kept=target)
+    planning = StreamPlanning(planner, chunk=chunk, plan_context=context, compile=compile, target_kept=target)
     ReferencePlanner._decide = counted
     try:
         for a in range(0, frames - chunk + 1, chunk):

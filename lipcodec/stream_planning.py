@@ -89,12 +89,14 @@ class StreamPlanning:
         gop: a GOP or x264 params; B-frames are refused (they reference the future).
         patch_size: the DiT's patch (t, h, w); t must be 1.
         motion: the source's codec motion vectors (pixel frame 0 = the stream's first).
+        compile: a threshold planner (:class:`ReferencePlanner`) compiles its decisions on a
+            GPU (its ``compile``; ``StreamRunner(compile=True)`` sets this).
         plan_kwargs: passed to :func:`lipcodec.plan`; ``target_kept`` is each new chunk's budget.
     """
 
     def __init__(self, planner="intra", *, chunk: int = 3, plan_context: int | None = 8, first_chunk: str = "full",
                  gop: GOP | str | None = None, patch_size=(1, 2, 2), motion: MotionField | None = None,
-                 **plan_kwargs):
+                 compile: bool = False, **plan_kwargs):
         if not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk={chunk!r}: use an int >= 1 (latent frames per chunk)")
         if plan_context is not None and plan_context < chunk:
@@ -102,7 +104,7 @@ class StreamPlanning:
         if first_chunk not in ("full", "prune"):
             raise ValueError(f"first_chunk={first_chunk!r}: use 'full' or 'prune'")
         self.planner, self.gop, self.motion, self.plan_kwargs = planner, causal_gop(gop), motion, plan_kwargs
-        self.chunk, self.plan_context, self.first_chunk = chunk, plan_context, first_chunk
+        self.chunk, self.plan_context, self.first_chunk, self.compile = chunk, plan_context, first_chunk, compile
         self.patch = tuple(int(p) for p in patch_size)
         if len(self.patch) != 3 or self.patch[0] != 1:
             raise ValueError(f"patch_size={patch_size!r}: a stream needs (1, h, w) - a temporal patch of 1")
@@ -179,13 +181,12 @@ class StreamPlanning:
         own = token_vectors(inputs.context[0, :, -s:], self.patch).reshape(n, -1)  # (N, D)
         if a == 0 and self.first_chunk == "full":
             return ChunkPlan(a, s, ids, ids, own, None, time.perf_counter() - begin)
-        planner, kwargs = self.planner, self.plan_kwargs
-        budget = self._budget_planner
-        if budget is not None:  # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
+        planner, kwargs = self._planner, self._plan_params[0]  # the planner's parameters are in it
+        if isinstance(planner, ReferencePlanner) and planner.target_kept is not None:
+            # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
             planner = attrs.evolve(
-                budget, budget_frames=s if budget.budget_frames is None else budget.budget_frames,
-                search_from=inputs.search_from if budget.search_from is None else budget.search_from)
-            kwargs = self._plan_params[0]  # the planner's parameters are in it
+                planner, budget_frames=s if planner.budget_frames is None else planner.budget_frames,
+                search_from=inputs.search_from if planner.search_from is None else planner.search_from)
         if self.motion is not None:  # the field from the context's first frame: latent frame f = pixel frame 4f
             first = inputs.first * kwargs.get("temporal_factor", TEMPORAL_FACTOR)
             kwargs = {**kwargs, "motion": attrs.evolve(self.motion, vectors=self.motion.vectors[first:],
@@ -250,10 +251,10 @@ class StreamPlanning:
         return {k: v for k, v in kwargs.items() if k in own}, {k: v for k, v in kwargs.items() if k not in own}
 
     @functools.cached_property
-    def _budget_planner(self) -> ReferencePlanner | None:
-        """The threshold planner whose ``target_kept`` is each chunk's budget - given by name
-        with ``target_kept=`` or as an object with it set (``lipcodec edit --stream``); None
-        when there is no such budget. Decided once."""
-        params = self._plan_params[1]
-        planner = get_planner(self.planner, **params) if isinstance(self.planner, str) else self.planner
-        return planner if isinstance(planner, ReferencePlanner) and planner.target_kept is not None else None
+    def _planner(self):
+        """The planner object, built once from its name and parameters; with ``compile`` a
+        threshold planner compiles its decisions."""
+        planner = get_planner(self.planner, **self._plan_params[1])  # an object passes through
+        if self.compile and isinstance(planner, ReferencePlanner) and not planner.compile:
+            planner = attrs.evolve(planner, compile=True)
+        return planner

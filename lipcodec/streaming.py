@@ -330,7 +330,8 @@ class StreamRunner:
         compile: ``torch.compile`` every block, cache write and attention included, with
             dynamic shapes, so kept counts that change from chunk to chunk reuse a compiled
             graph (:func:`_block_with_cache`). Results match eager to rounding, not bit for
-            bit.
+            bit. A threshold planner's decisions are compiled too (its ``compile``: the
+            same plans, fewer kernels).
         motion: the source's codec motion vectors (``read_video(path, motion=True).motion``,
             pixel frame 0 = the stream's first frame), for the ``bitstream`` planner: each
             chunk's planner gets the part of the field its plan context covers.
@@ -363,7 +364,7 @@ class StreamRunner:
                 f"{self.rope_frames} positions: shrink the window or raise rope_frames"
             )
         self.planning = StreamPlanning(planner, chunk=c.chunk, plan_context=c.plan_context, first_chunk=c.first_chunk,
-                                       gop=gop, patch_size=self.patch, motion=motion, **plan_kwargs)
+                                       gop=gop, patch_size=self.patch, motion=motion, compile=compile, **plan_kwargs)
         rope = model.rope
         self._tables = (
             rope.freqs_cos.split([rope.t_dim, rope.h_dim, rope.w_dim], dim=1),

@@ -51,6 +51,35 @@ def test_captured_replays_equal_eager_runs_with_fresh_outputs():
     assert not graphs._entries
 
 
+@cuda
+def test_compiled_captures_equal_eager_runs(monkeypatch):
+    """compile=True captures torch.compile(fn), compiled before the capture: the same outputs.
+    Past dynamo's recompile limit a function is captured uncompiled, with a warning."""
+    import functools
+
+    graphs = Graphs()
+    x, y = torch.rand(1000, device="cuda"), torch.rand(1000, device="cuda")
+    for _ in range(3):
+        out = graphs("chain", chain, x, y, compile=True)
+        assert all(torch.equal(a, b) for a, b in zip(out, chain(x, y)))
+    assert [k[1] for k, e in graphs._entries.items() if isinstance(e, _Entry)] == [True]
+
+    def scaled(k, x):  # a fresh function: no compiled entries yet
+        return (x * k + 1,)
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    for k in (2.0, 3.0):  # each k is another guard: the second compile is past the limit
+        fn = functools.partial(scaled, k)
+        graphs(("scaled", k), fn, x, compile=True)
+        if k == 2.0:
+            graphs(("scaled", k), fn, x, compile=True)
+        else:
+            with pytest.warns(UserWarning, match="recompile limit is reached"):
+                graphs(("scaled", k), fn, x, compile=True)
+        (out,) = graphs(("scaled", k), fn, x, compile=True)
+        assert torch.equal(out, x * k + 1)
+
+
 class Unmarked(Lipar):
     """A custom clean-up that reads a value back (not capturable) and is not marked."""
 
@@ -123,10 +152,12 @@ def test_replays_from_two_threads_on_their_own_streams():
 
 
 @cuda
-@pytest.mark.parametrize("params", [{}, {"target_kept": 0.6}, {"target_kept": 0.5, "gop": "keyint=8:bframes=2:ref=2"}])
+@pytest.mark.parametrize("params", [{}, {"target_kept": 0.6}, {"target_kept": 0.5, "gop": "keyint=8:bframes=2:ref=2"},
+                                    {"target_kept": 0.6, "compile": True}])
 def test_plans_on_the_gpu_equal_the_cpus_captured_or_not(params):
     """A decision is captured once its key repeats (a budget search's second decision, a
-    second plan of the same shape) and replayed after: every plan equals the CPU's."""
+    second plan of the same shape) and replayed after - compiled first with ``compile`` -
+    and every plan equals the CPU's."""
     from lipcodec import fixtures
     from lipcodec.video import pixel_proxy_latents, read_video
 

@@ -592,6 +592,35 @@ def test_stream_planning_alone_makes_the_runners_plans(model):
         planning.push(x[0, :, :3])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (compiled decisions are captured CUDA graphs)"))])
+def test_compiled_planning_makes_the_same_plans(model, device):
+    """compile=True (StreamRunner(compile=True) passes it on) makes a threshold planner compile
+    its decisions - on a GPU, before their CUDA graphs are captured - and plans the same
+    stream; other planners and the caller's planner object are left as they are."""
+    from lipcodec.planners.lipar import Lipar
+    from lipcodec.planners.reference import DECISION_GRAPHS
+    from lipcodec.stream_planning import StreamPlanning
+
+    x = drifting_corner().to(device)
+    DECISION_GRAPHS.clear()
+    plain = StreamPlanning("lipar", target_kept=0.6)
+    compiled = StreamPlanning("lipar", target_kept=0.6, compile=True)
+    for a in range(0, 15, 3):
+        ours, theirs = compiled.push(x[:, :, a : a + 3]), plain.push(x[:, :, a : a + 3])
+        assert torch.equal(ours.source, theirs.source) and ours.scale == theirs.scale
+    assert compiled._planner.compile and not plain._planner.compile
+    assert sorted({compile for _, compile, _ in DECISION_GRAPHS._entries}) == ([False, True] if device == "cuda" else [])
+    given = Lipar(tau1=0.1)
+    assert StreamPlanning(given, compile=True)._planner == attrs.evolve(given, compile=True) and not given.compile
+    assert StreamPlanning("motion", compile=True)._planner.compile  # every threshold planner
+    assert not hasattr(StreamPlanning("intra", compile=True)._planner, "compile")
+    _, text = video()
+    assert StreamRunner(model, text, StreamConfig(chunk=3), planner="lipar", compile=True).planning._planner.compile
+    with pytest.raises(TypeError, match="pass a name, not an instance"):
+        StreamPlanning(given, tau1=0.2)._planner
+
+
 def test_bitstream_planner_gets_the_motion_its_context_covers(model, monkeypatch):
     """Codec motion vectors in streaming: each chunk's planner sees the field from its plan
     context's first frame on (latent frame f = pixel frame 4f), so its frame 0 is the context's."""

@@ -81,6 +81,11 @@ class ReferencePlanner:
             ``meta["threshold_scale"]``; the streaming runner passes the previous chunk's)
             and steps out from it until the budget is bracketed: a few decisions instead of
             a search over 2^-12..2^12. None = the search over 2^-12..2^12.
+        compile: on a GPU, ``torch.compile`` each decision before its CUDA graph is captured
+            (:class:`~lipcodec.graphs.Graphs`): fewer, fused kernels per decision, the same
+            plans; the first capture of each schedule and grid compiles for seconds. Pays
+            when decisions repeat many times - a stream (``StreamRunner(compile=True)``
+            sets it).
     """
 
     tau1: float = attrs.field(default=0.15, converter=float, validator=_non_negative_or_none)
@@ -90,6 +95,7 @@ class ReferencePlanner:
     trim: tuple[float, float] = attrs.field(default=(0.2, 0.8), converter=lambda v: tuple(float(x) for x in v))
     budget_frames: int | None = attrs.field(default=None, converter=lambda v: None if v in (None, "none") else int(v))
     search_from: float | None = attrs.field(default=None, converter=_float_or_none, validator=_positive_or_none)
+    compile: bool = False
     name: str = "reference"
 
     # -- what a planner provides -------------------------------------------------------------
@@ -167,7 +173,7 @@ class ReferencePlanner:
         settle = functools.partial(self._settle, schedule, shape)
         eager = functools.partial(settle, None)  # as many rounds as the chains need
         source, settled = eager(*inputs) if graph_key is None else DECISION_GRAPHS(
-            graph_key, functools.partial(settle, rounds), *inputs, first=eager)
+            graph_key, functools.partial(settle, rounds), *inputs, first=eager, compile=self.compile)
         if not bool(settled):  # chains that needed more rounds than the graph holds
             source, _ = eager(*inputs)
         return Decision(source, schedule, scale)
