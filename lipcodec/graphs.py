@@ -19,10 +19,18 @@ takes seconds per key, once; the plans are the same.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import warnings
 
 import torch
+
+
+COMPILE_LOCK = threading.RLock()
+"""Held while a :class:`Graphs` compiles and captures a function (``compile=True``). dynamo's
+tracing is process-wide: a ``torch.compile``'d function called in one thread while another
+traces raises. Code that runs compiled functions beside a thread that may capture holds this
+lock around them (the streaming runner does, around a chunk's passes, when compiled)."""
 
 
 class Graphs:
@@ -94,7 +102,7 @@ class _Entry:
         # not torch.cuda.graph(): it synchronizes the device and empties the allocator's cache
         # first, which would stall a stream running on the main thread. thread_local: that
         # thread may launch and sync while this one captures
-        with torch.cuda.device(device), torch.cuda.stream(side):  # the inputs' device, whichever is current
+        with torch.cuda.device(device), torch.cuda.stream(side), COMPILE_LOCK if compile else contextlib.nullcontext():
             if compile:
                 fn = _compile(fn, static)
             graph.capture_begin(capture_error_mode="thread_local")

@@ -36,6 +36,7 @@ re-rotated back by the shift (LIPAR's policy); sink frames keep their positions.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import math
 import time
@@ -49,6 +50,7 @@ from einops import rearrange
 
 from .attention import RECOVERY_MODES, rotate
 from .gop import GOP
+from .graphs import COMPILE_LOCK
 from .plan import Grid
 from .planners import MotionField
 from .stream_planning import ChunkPlan, StreamPlanning
@@ -344,6 +346,7 @@ class StreamRunner:
                  planner="intra", gop: GOP | str | None = None, compile: bool = False,
                  motion: MotionField | None = None, **plan_kwargs):
         self.model = model
+        self._compiled = compile
         self._block_with_cache = torch.compile(_block_with_cache, dynamic=True) if compile else _block_with_cache
         self.config = config or StreamConfig()
         cfg = model.config
@@ -513,12 +516,14 @@ class StreamRunner:
         n = s * self.tpf
         sigmas = conf.sigmas
 
-        x = (1.0 - sigmas[0]) * source + sigmas[0] * self._noise(source.shape)  # (B, C, S, H, W)
-        for i, sigma in enumerate(sigmas):
-            x0 = self._denoise(x, sigma, idx)  # (B, C, S, H, W)
-            if i + 1 < len(sigmas):
-                x = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(x0.shape)
-        self._forward(x0, 0.0, idx, idx.clean)  # clean pass: writes the chunk's K/V
+        # compiled blocks must not run while the planning thread compiles a decision (graphs.COMPILE_LOCK)
+        with COMPILE_LOCK if self._compiled else contextlib.nullcontext():
+            x = (1.0 - sigmas[0]) * source + sigmas[0] * self._noise(source.shape)  # (B, C, S, H, W)
+            for i, sigma in enumerate(sigmas):
+                x0 = self._denoise(x, sigma, idx)  # (B, C, S, H, W)
+                if i + 1 < len(sigmas):
+                    x = (1.0 - sigmas[i + 1]) * x0 + sigmas[i + 1] * self._noise(x0.shape)
+            self._forward(x0, 0.0, idx, idx.clean)  # clean pass: writes the chunk's K/V
         self._commit(a, s, idx)
         self._remember_output(x0, a, s)
         if x0.device.type == "cuda":

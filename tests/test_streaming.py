@@ -621,6 +621,26 @@ def test_compiled_planning_makes_the_same_plans(model, device):
         StreamPlanning(given, tau1=0.2)._planner
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled decisions, the planning thread)")
+def test_a_compiled_stream_compiles_decisions_beside_its_blocks(model):
+    """StreamRunner(compile=True) with a threshold planner: the planning thread compiles its
+    decisions while the main thread runs (and compiles) the blocks - dynamo's tracing is
+    process-wide, graphs.COMPILE_LOCK keeps them apart - and the stream plans as eagerly."""
+    from lipcodec.planners.reference import DECISION_GRAPHS
+
+    x, (_, text) = drifting_corner().cuda(), video()
+    net, text = copy.deepcopy(model).cuda(), text.cuda()
+    config = StreamConfig(chunk=3, window=3)
+    eager = stream(net, x, text, config, planner="lipar", target_kept=0.6)
+    DECISION_GRAPHS.clear()
+    torch._dynamo.reset()
+    compiled = stream(net, x, text, config, planner="lipar", target_kept=0.6, compile=True)
+    assert [c.planned_ahead for c in compiled] == [False] + [True] * (len(compiled) - 1)
+    assert all(torch.equal(a.source, b.source) for a, b in zip(compiled, eager))
+    assert {compile for _, compile, _ in DECISION_GRAPHS._entries} == {True}  # its decisions: compiled
+    torch.testing.assert_close(cat(compiled), cat(eager), rtol=1e-4, atol=1e-4)
+
+
 def test_bitstream_planner_gets_the_motion_its_context_covers(model, monkeypatch):
     """Codec motion vectors in streaming: each chunk's planner sees the field from its plan
     context's first frame on (latent frame f = pixel frame 4f), so its frame 0 is the context's."""
