@@ -22,7 +22,9 @@ latents with the same noise (StreamConfig.editing(): t = 400, 4 steps, shift 5, 
   under ``torch.profiler`` (planning's kernels on the side stream included) - what the
   row costs the GPU, free of the host's launch overhead and of its scatter;
   ``plan_gpu_ms``: the part on side streams, i.e. the planning done ahead (planning in
-  place runs on the main stream and is not split out).
+  place runs on the main stream and is not split out); ``gpu_ms_by_kind``: the main
+  stream's by kernel kind (:func:`kernel_kind`: compiled, gemm, attention, other - the
+  eager work around the blocks, where pruning's gathers and restores run).
 
 Rows: ``unpruned`` (window 6), ``unpruned full cache`` (every frame kept in the cache, as
 Self-Forcing's baseline), then the lipar planner at ``--target-kept`` (default 0.68 =
@@ -100,6 +102,23 @@ def stream(model, source, text, config, compile=False, compiled_decisions=True, 
     return torch.cat([c.latents for c in chunks], 2), chunks, peak
 
 
+def kernel_kind(name: str) -> str:
+    """A CUDA kernel's kind, by its name: ``compiled`` (inductor's Triton code - with
+    ``--compile`` the blocks' fused elementwise work, the cache writes, the planner's
+    compiled decisions), ``gemm``, ``attention``, or ``other``: eager kernels, mostly around
+    the blocks - the sampler, the patch embedding, the gathers of kept tokens and the
+    scatters and copies that restore the rest (what pruning adds shows as its difference to
+    the unpruned row), and copies, fills and memsets."""
+    lower = name.lower()
+    if lower.startswith("triton"):
+        return "compiled"
+    if any(k in lower for k in ("gemm", "cutlass", "nvjet", "cublas", "xmma")):
+        return "gemm"
+    if any(k in lower for k in ("flash", "fmha", "attention", "cudnn")):
+        return "attention"
+    return "other"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
@@ -143,14 +162,17 @@ def main(argv=None):
 
     def timed(specs) -> list[tuple]:
         """Every row streams its clip once untimed (every new sequence length pays one-time
-        kernel setup, e.g. a cuDNN execution plan, and --compile the compilation), then the
+        kernel setup, e.g. a cuDNN execution plan, and --compile the compilation - twice with
+        --compile: a planner decision whose key comes once per stream, e.g. chunk 1's shorter
+        context, is compiled when it comes again), then the
         rows take turns, ``--repeats`` rounds of one stream each - so a host that drifts
         during the run (host-bound rows scatter from run to run) shifts every row alike.
         Per row: the run of median wall time, the peak memory, every run's end-to-end FPS,
         and with --kernel-time the GPU time of one more, profiled stream."""
         for spec in specs:
             print(f"  warm-up: {spec.name}", flush=True)
-            stream(model, spec.clip, text, spec.config, args.compile, spec.compiled_decisions, **spec.plan)
+            for _ in range(2 if args.compile else 1):  # a decision key seen once per stream is captured in the second
+                stream(model, spec.clip, text, spec.config, args.compile, spec.compiled_decisions, **spec.plan)
         runs = {spec.name: [] for spec in specs}
         for i in range(args.repeats):
             print(f"  round {i + 1}/{args.repeats}: every row once", flush=True)
@@ -164,21 +186,27 @@ def main(argv=None):
             if args.kernel_time:
                 print(f"  kernel time: {spec.name}", flush=True)
             out.append((latents, chunks, max(peak for _, _, peak in runs[spec.name]), [frames * 4 / w for w in walls],
-                        kernel_ms(spec) if args.kernel_time else (None, None)))
+                        kernel_ms(spec) if args.kernel_time else (None, None, None)))
         return out
 
-    def kernel_ms(spec) -> tuple[float, float]:
+    def kernel_ms(spec) -> tuple[float, float, dict]:
         """GPU kernel time per chunk of one more stream, from the profiler's device events:
-        (all kernels, those on side streams - the planning ahead of the next chunk)."""
+        (all kernels, those on side streams - the planning ahead of the next chunk, the main
+        stream's by kind - :func:`kernel_kind`)."""
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             _, chunks, _ = stream(model, spec.clip, text, spec.config, args.compile, spec.compiled_decisions, **spec.plan)
             torch.cuda.synchronize()
+        events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA]
         per_stream = collections.Counter()
-        for event in prof.profiler.kineto_results.events():
-            if event.device_type() == torch.autograd.DeviceType.CUDA:
-                per_stream[event.device_resource_id()] += event.duration_ns()
-        total, main_stream = sum(per_stream.values()), max(per_stream.values())
-        return total / 1e6 / len(chunks), (total - main_stream) / 1e6 / len(chunks)
+        for event in events:
+            per_stream[event.device_resource_id()] += event.duration_ns()
+        main = max(per_stream, key=per_stream.get)
+        kinds = collections.Counter()
+        for event in events:
+            if event.device_resource_id() == main:
+                kinds[kernel_kind(event.name())] += event.duration_ns() / 1e6 / len(chunks)
+        total = sum(per_stream.values())
+        return total / 1e6 / len(chunks), (total - per_stream[main]) / 1e6 / len(chunks), dict(kinds)
 
     pruned = {"planner": "lipar", "target_kept": args.target_kept}
     specs = [Row("unpruned", base), Row("unpruned full cache", StreamConfig.editing(window=None))]
@@ -208,7 +236,7 @@ def main(argv=None):
     rows, ceiling = [], []
 
     def record(name, latents, chunks, peak, fps_runs, gpu, recovery=None, reference=reference, kept=None):
-        gpu_ms, plan_gpu_ms = gpu
+        gpu_ms, plan_gpu_ms, gpu_kinds = gpu
         plan = sum(c.plan_seconds for c in chunks)
         exposed = sum(c.plan_seconds for c in chunks if not c.planned_ahead)  # inside the chunks' own seconds
         seconds = sum(c.seconds for c in chunks) - exposed
@@ -230,7 +258,7 @@ def main(argv=None):
                                              for c in chunks[1:]] or [seconds])),
             "plan_ms": 1e3 * plan / len(chunks), "planned_ahead": sum(c.planned_ahead for c in chunks),
             "peak_gib": peak, "fps_with_plan_runs": fps_runs, "gpu_ms": gpu_ms,
-            "plan_gpu_ms": plan_gpu_ms,
+            "plan_gpu_ms": plan_gpu_ms, "gpu_ms_by_kind": gpu_kinds,
         })
         rows.append(row)
         quality = ("" if reference is None else f"err {row['err_vs_unpruned']:7.4f}  err_kept {row['err_kept']:7.4f}  "
@@ -239,6 +267,8 @@ def main(argv=None):
               f"chunk {row['chunk_ms']:7.1f} ms{'' if gpu_ms is None else f' (GPU {gpu_ms:6.1f}, side {plan_gpu_ms:5.1f})'}  "
               f"plan {row['plan_ms']:6.1f} ms  peak {peak:6.2f} GiB  "
               f"(runs {min(fps_runs):.1f}-{max(fps_runs):.1f} fps w/ plan)", flush=True)
+        if gpu_kinds:
+            print("      main stream, ms per chunk: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(gpu_kinds.items())))
 
     for spec, out in zip(specs, measured):
         record(spec.name, *out, recovery=spec.recovery, kept=spec.kept,

@@ -98,6 +98,10 @@ def test_decisions_are_captured_only_with_a_graph_safe_postprocess():
     # what the search changes is not part of the key: one graph serves every decision of it
     assert get_planner("lipar", target_kept=0.5, search_from=2.0)._graph_key(schedule, (4, 6), 10) == \
         get_planner("lipar")._graph_key(schedule, (4, 6), 10)
+    # nor are the frame types: on a GPU a decision reads only the schedule's length
+    lipar = get_planner("lipar")
+    assert lipar._graph_key(Schedule.parse("IPIP"), (4, 6), 10) == lipar._graph_key(schedule, (4, 6), 10) != \
+        lipar._graph_key(Schedule.parse("IPPPP"), (4, 6), 10)
 
 
 @cuda

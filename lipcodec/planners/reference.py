@@ -83,7 +83,7 @@ class ReferencePlanner:
             a search over 2^-12..2^12. None = the search over 2^-12..2^12.
         compile: on a GPU, ``torch.compile`` each decision before its CUDA graph is captured
             (:class:`~lipcodec.graphs.Graphs`): fewer, fused kernels per decision, the same
-            plans; the first capture of each schedule and grid compiles for seconds. Pays
+            plans; the first capture of each context length and grid compiles for seconds. Pays
             when decisions repeat many times - a stream (``StreamRunner(compile=True)``
             sets it).
     """
@@ -181,11 +181,14 @@ class ReferencePlanner:
     def _graph_key(self, schedule, shape, rounds):
         """What a captured decision depends on besides its inputs; None: run it eagerly (the
         planner's ``postprocess`` is not marked :func:`~lipcodec.graphs.graph_safe`, or a
-        parameter cannot be hashed)."""
+        parameter cannot be hashed). Of the schedule only its length: on a GPU the decision
+        resolves chains by pointer jumping (:func:`_resolve_rounds`), the frame types are
+        its inputs (``keyframe``), so schedules of one length share a graph (a scene cut or
+        a keyframe moving through a stream's context makes no new one)."""
         post = type(self).postprocess
         if post is not ReferencePlanner.postprocess and not getattr(post, "graph_safe", False):
             return None
-        key = (type(self), _params(self, search=False), schedule, shape, rounds)
+        key = (type(self), _params(self, search=False), len(schedule), shape, rounds)
         try:
             hash(key)
         except TypeError:
@@ -450,4 +453,4 @@ def _params(planner, search: bool = True):
 
 _SEARCH = {"name", "target_kept", "budget_frames", "search_from"}
 _GRAPH_ROUNDS = 10  # the most chain-resolution rounds a captured decision runs: 94-98% of 21-frame contexts' resolves
-DECISION_GRAPHS = Graphs()  # captured decisions, keyed by planner, schedule and grid (docs/planners.md)
+DECISION_GRAPHS = Graphs()  # captured decisions, keyed by planner, schedule length and grid (docs/planners.md)
