@@ -12,8 +12,8 @@ inside) leaves CUDA's random generator unusable in this process.
 
 ``compile=True`` runs ``torch.compile`` on the function before capturing it: inductor fuses
 the elementwise work around each gather, so the graph replays fewer, larger kernels (a
-streamed chunk's decisions on an H200: 2.84 -> 1.08 GPU ms, docs/planners.md). Compiling
-takes seconds per key, once; the plans are the same.
+streamed chunk's decisions on an H200: 2.85 -> 1.09 GPU ms, docs/planners.md). Compiling
+takes seconds per key, once; the results are the same.
 """
 
 from __future__ import annotations
@@ -137,7 +137,17 @@ def _compile(fn, inputs):
         warnings.warn("torch.compile's recompile limit is reached for this function: capturing it uncompiled "
                       "(raise torch._dynamo.config.recompile_limit to compile more)", stacklevel=4)
         return fn
+    except Exception as error:  # e.g. a planner's own postprocess that dynamo cannot trace whole
+        raise RuntimeError(f"torch.compile could not compile {_name(fn)} ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else ''}); run it with compile=False") from error
     return compiled
+
+
+def _name(fn) -> str:
+    """``Lipar._settle`` for a (partial of a) planner's bound method, else the qualified name."""
+    fn = getattr(fn, "func", fn)  # a functools.partial
+    owner = getattr(fn, "__self__", None)
+    return f"{type(owner).__name__}.{fn.__name__}" if owner is not None else getattr(fn, "__qualname__", repr(fn))
 
 
 def graph_safe(fn):

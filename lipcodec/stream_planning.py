@@ -181,7 +181,7 @@ class StreamPlanning:
         own = token_vectors(inputs.context[0, :, -s:], self.patch).reshape(n, -1)  # (N, D)
         if a == 0 and self.first_chunk == "full":
             return ChunkPlan(a, s, ids, ids, own, None, time.perf_counter() - begin)
-        planner, kwargs = self._planner, self._plan_params[0]  # the planner's parameters are in it
+        planner, kwargs = self._planner, self._plan_params[0]  # its parameters are in the object
         if isinstance(planner, ReferencePlanner) and planner.target_kept is not None:
             # the budget is the new chunk's, not the context's; its search starts at the last chunk's scale
             planner = attrs.evolve(

@@ -51,6 +51,37 @@ def test_captured_replays_equal_eager_runs_with_fresh_outputs():
     assert not graphs._entries
 
 
+@pytest.mark.needs_cxx
+def test_compiling_happens_before_the_capture_and_says_when_it_cannot(monkeypatch):
+    """What a capture with compile=True captures (here on the CPU, the code is the same):
+    the compiled function, already compiled; past dynamo's recompile limit the function
+    itself, with a warning; a function dynamo cannot trace whole (a host sync in a
+    planner's own postprocess) is an error that names it and the way out."""
+    import functools
+
+    from lipcodec.graphs import _compile
+
+    x, y = torch.rand(64), torch.rand(64)
+    compiled = _compile(chain, (x, y))
+    assert compiled is not chain and all(torch.equal(a, b) for a, b in zip(compiled(x, y), chain(x, y)))
+
+    class Syncing:
+        def settle(self, x):
+            return (x + 1,) if float(x.sum()) > 0 else (x - 1,)
+
+    with pytest.raises(RuntimeError, match=r"could not compile Syncing\.settle .*run it with compile=False"):
+        _compile(functools.partial(Syncing().settle), (x,))
+
+    def scaled(k, x):
+        return (x * k,)
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    first, second = functools.partial(scaled, 2.0), functools.partial(scaled, 3.0)
+    assert torch.equal(_compile(first, (x,))(x)[0], x * 2)
+    with pytest.warns(UserWarning, match="recompile limit is reached"):
+        assert _compile(second, (x,)) is second
+
+
 @cuda
 def test_compiled_captures_equal_eager_runs(monkeypatch):
     """compile=True captures torch.compile(fn), compiled before the capture: the same outputs.
