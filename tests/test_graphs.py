@@ -52,7 +52,7 @@ def test_captured_replays_equal_eager_runs_with_fresh_outputs():
 
 
 @pytest.mark.needs_cxx
-def test_compiling_happens_before_the_capture_and_says_when_it_cannot(monkeypatch):
+def test_compiling_happens_before_the_capture_and_says_when_it_cannot():
     """What a capture with compile=True captures (here on the CPU, the code is the same):
     the compiled function, already compiled; past dynamo's recompile limit the function
     itself, with a warning; a function dynamo cannot trace whole (a host sync in a
@@ -75,15 +75,17 @@ def test_compiling_happens_before_the_capture_and_says_when_it_cannot(monkeypatc
     def scaled(k, x):
         return (x * k,)
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     first, second = functools.partial(scaled, 2.0), functools.partial(scaled, 3.0)
-    assert torch.equal(_compile(first, (x,))(x)[0], x * 2)
-    with pytest.warns(UserWarning, match="recompile limit is reached"):
-        assert _compile(second, (x,)) is second
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch's undo would delete the setting)
+        assert torch.equal(_compile(first, (x,))(x)[0], x * 2)
+        with pytest.warns(UserWarning, match="recompile limit is reached"):
+            assert _compile(second, (x,)) is second
+    assert torch._dynamo.config.recompile_limit == limit
 
 
 @cuda
-def test_compiled_captures_equal_eager_runs(monkeypatch):
+def test_compiled_captures_equal_eager_runs():
     """compile=True captures torch.compile(fn), compiled before the capture: the same outputs.
     Past dynamo's recompile limit a function is captured uncompiled, with a warning."""
     import functools
@@ -98,17 +100,17 @@ def test_compiled_captures_equal_eager_runs(monkeypatch):
     def scaled(k, x):  # a fresh function: no compiled entries yet
         return (x * k + 1,)
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    for k in (2.0, 3.0):  # each k is another guard: the second compile is past the limit
-        fn = functools.partial(scaled, k)
-        graphs(("scaled", k), fn, x, compile=True)
-        if k == 2.0:
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for k in (2.0, 3.0):  # each k is another guard: the second compile is past the limit
+            fn = functools.partial(scaled, k)
             graphs(("scaled", k), fn, x, compile=True)
-        else:
-            with pytest.warns(UserWarning, match="recompile limit is reached"):
+            if k == 2.0:
                 graphs(("scaled", k), fn, x, compile=True)
-        (out,) = graphs(("scaled", k), fn, x, compile=True)
-        assert torch.equal(out, x * k + 1)
+            else:
+                with pytest.warns(UserWarning, match="recompile limit is reached"):
+                    graphs(("scaled", k), fn, x, compile=True)
+            (out,) = graphs(("scaled", k), fn, x, compile=True)
+            assert torch.equal(out, x * k + 1)
 
 
 class Unmarked(Lipar):
