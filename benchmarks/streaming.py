@@ -37,6 +37,11 @@ cropped to about KEPT of each frame's token columns (default ``--target-kept``) 
 chunk costs when it holds only that many tokens and no pruning logic runs, the
 shortened-sequence ceiling of streaming; with two or more, the Pearson r of chunk latency
 against the token share (the unpruned row included).
+``--target-kept A B ...``: the rows above at budget A, and at each further budget two
+``none`` rows planned ahead, with the per-chunk budget search and with fixed thresholds -
+how speed and memory follow the share reused, side by side in one run (``--ceiling``
+without values then crops to every budget). Every row reports its ratios to the unpruned
+row: ``speedup`` (end to end), ``gpu_speedup`` and ``peak_ratio``.
 ``--compile``: every row, the unpruned ones too, with ``StreamRunner(compile=True)``
 (the blocks' dense parts compiled with dynamic shapes, and the planner's decisions before
 they are captured; the untimed first stream of each row pays the compilation); two more
@@ -48,6 +53,7 @@ Full size (CUDA, bf16): Wan2.1-T2V-1.3B config with random weights, 480x832, lat
 
     python benchmarks/streaming.py --out results/streaming.json              # GPU
     python benchmarks/streaming.py --compile --out results/streaming_compiled.json
+    python benchmarks/streaming.py --compile --modes none --target-kept 0.68 0.6 0.5 --ceiling --out sweep.json
     python benchmarks/streaming.py --tiny --out /tmp/streaming.json          # CPU smoke test
 """
 
@@ -86,6 +92,7 @@ class Row:
     kept: float | None = None  # the token share, when the chunks do not report it (ceiling rows)
     ceiling: bool = False
     compiled_decisions: bool = True  # with --compile: the planner's decisions too (StreamPlanning.compile)
+    target: float | None = None  # the --target-kept budget its plans were made for
 
 
 def stream(model, source, text, config, compile=False, compiled_decisions=True, **planner):
@@ -123,7 +130,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
     parser.add_argument("--frames", type=int, default=None, help="latent frames (default 21, tiny 9)")
-    parser.add_argument("--target-kept", type=float, default=0.68, help="lipar planner budget (0.68 = ~32%% reuse)")
+    parser.add_argument("--target-kept", type=float, nargs="+", default=[0.68], metavar="KEPT",
+                        help="lipar planner budget (0.68 = ~32%% reuse); more values add `none` rows at each (a sweep)")
     parser.add_argument("--modes", nargs="+", default=["none", "proportional", "duplicate", "clean"])
     parser.add_argument("--first-chunk", default="full", choices=("full", "prune"))
     parser.add_argument("--repeats", type=int, default=3, help="timed streams per row; the median is reported")
@@ -137,7 +145,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: at least 1 timed stream per row is needed")
-    ceilings = [args.target_kept] if args.ceiling == [] else args.ceiling or []
+    if any(not 0 < k < 1 for k in args.target_kept):
+        parser.error(f"--target-kept {args.target_kept}: budgets must be in (0, 1)")
+    ceilings = args.target_kept if args.ceiling == [] else args.ceiling or []
     if any(not 0 < k <= 1 for k in ceilings):
         parser.error(f"--ceiling {ceilings}: token shares must be in (0, 1]")
     if args.kernel_time and (args.tiny or not torch.cuda.is_available()):
@@ -208,23 +218,33 @@ def main(argv=None):
         total = sum(per_stream.values())
         return total / 1e6 / len(chunks), (total - per_stream[main]) / 1e6 / len(chunks), dict(kinds)
 
-    pruned = {"planner": "lipar", "target_kept": args.target_kept}
+    def fixed_thresholds(target: float) -> dict:
+        """LIPAR's own rule: fixed thresholds, one decision per chunk - scaled once, by the
+        budget search over the whole clip, so that about the same share is kept."""
+        scale = lipcodec.plan(source, "lipar", target_kept=target).meta["threshold_scale"]
+        lipar = get_planner("lipar")
+        return {"planner": "lipar", "tau1": lipar.tau1 * scale, "tau2": lipar.tau2 * scale}
+
+    target, *sweep = args.target_kept
+    pruned = {"planner": "lipar", "target_kept": target}
     specs = [Row("unpruned", base), Row("unpruned full cache", StreamConfig.editing(window=None))]
     specs += [Row(f"lipar {mode}", StreamConfig.editing(recovery=mode, first_chunk=args.first_chunk), plan=pruned,
-                  recovery=mode) for mode in args.modes]
+                  recovery=mode, target=target) for mode in args.modes]
+    none = StreamConfig.editing(recovery="none", first_chunk=args.first_chunk)
     if "none" in args.modes:
-        none = specs[2 + args.modes.index("none")].config
         specs.append(Row("lipar none, planned in place", attrs.evolve(none, plan_ahead=False), plan=pruned,
-                         recovery="none"))
-        # LIPAR's own rule: fixed thresholds, one decision per chunk - scaled once, by the
-        # budget search over the whole clip, so that about the same share is kept
-        scale = lipcodec.plan(source, "lipar", target_kept=args.target_kept).meta["threshold_scale"]
-        lipar = get_planner("lipar")
-        fixed = {"planner": "lipar", "tau1": lipar.tau1 * scale, "tau2": lipar.tau2 * scale}
-        specs.append(Row("lipar none, fixed thresholds", none, plan=fixed, recovery="none"))
+                         recovery="none", target=target))
+        fixed = fixed_thresholds(target)
+        specs.append(Row("lipar none, fixed thresholds", none, plan=fixed, recovery="none", target=target))
         if args.compile:  # what compiling the decisions gives, side by side
-            specs += [Row(f"{name}, decisions uncompiled", none, plan=plan, recovery="none", compiled_decisions=False)
+            specs += [Row(f"{name}, decisions uncompiled", none, plan=plan, recovery="none", compiled_decisions=False,
+                          target=target)
                       for name, plan in (("lipar none", pruned), ("lipar none, fixed thresholds", fixed))]
+    for more in sweep:  # how speed and memory follow the budget: the per-chunk search and fixed thresholds
+        specs += [Row(f"lipar none, target {more:g}", none, plan={"planner": "lipar", "target_kept": more},
+                      recovery="none", target=more),
+                  Row(f"lipar none, fixed thresholds, target {more:g}", none, plan=fixed_thresholds(more),
+                      recovery="none", target=more)]
     cols = source.shape[-1] // 2  # token columns (patch 2)
     for share in ceilings:
         keep = max(1, round(share * cols))
@@ -235,14 +255,14 @@ def main(argv=None):
     reference = measured[0][0]
     rows, ceiling = [], []
 
-    def record(name, latents, chunks, peak, fps_runs, gpu, recovery=None, reference=reference, kept=None):
+    def record(name, latents, chunks, peak, fps_runs, gpu, recovery=None, reference=reference, kept=None, target=None):
         gpu_ms, plan_gpu_ms, gpu_kinds = gpu
         plan = sum(c.plan_seconds for c in chunks)
         exposed = sum(c.plan_seconds for c in chunks if not c.planned_ahead)  # inside the chunks' own seconds
         seconds = sum(c.seconds for c in chunks) - exposed
         kept = float(np.mean([c.kept_ratio for c in chunks])) if kept is None else kept
-        row = {"name": name, "recovery": recovery, "kept": kept, "err_vs_unpruned": None, "err_kept": None,
-               "psnr_vs_unpruned": None}
+        row = {"name": name, "recovery": recovery, "target_kept": target, "kept": kept, "err_vs_unpruned": None,
+               "err_kept": None, "psnr_vs_unpruned": None}
         if reference is not None:  # None: a ceiling row, another frame size
             computed = torch.cat([c.source == torch.arange(c.start * c.tokens // len(c.frames),
                                                            c.start * c.tokens // len(c.frames) + c.tokens)
@@ -260,18 +280,24 @@ def main(argv=None):
             "peak_gib": peak, "fps_with_plan_runs": fps_runs, "gpu_ms": gpu_ms,
             "plan_gpu_ms": plan_gpu_ms, "gpu_ms_by_kind": gpu_kinds,
         })
+        unpruned = (rows or [row])[0]  # ratios to the first row, measured in the same run
+        row.update(speedup=row["fps_with_plan"] / unpruned["fps_with_plan"],
+                   gpu_speedup=None if gpu_ms is None else unpruned["gpu_ms"] / gpu_ms,
+                   peak_ratio=peak / unpruned["peak_gib"] if cuda else None)
         rows.append(row)
         quality = ("" if reference is None else f"err {row['err_vs_unpruned']:7.4f}  err_kept {row['err_kept']:7.4f}  "
                    f"psnr {row['psnr_vs_unpruned']:6.2f} dB")
         print(f"  {name:<28} kept {kept:5.3f}  {quality:<45} {row['fps']:8.2f} fps ({row['fps_with_plan']:7.2f} w/ plan)  "
               f"chunk {row['chunk_ms']:7.1f} ms{'' if gpu_ms is None else f' (GPU {gpu_ms:6.1f}, side {plan_gpu_ms:5.1f})'}  "
               f"plan {row['plan_ms']:6.1f} ms  peak {peak:6.2f} GiB  "
-              f"(runs {min(fps_runs):.1f}-{max(fps_runs):.1f} fps w/ plan)", flush=True)
+              f"(runs {min(fps_runs):.1f}-{max(fps_runs):.1f} fps w/ plan)  {row['speedup']:.2f}x"
+              + ("" if gpu_ms is None else f", GPU {row['gpu_speedup']:.2f}x")
+              + ("" if row["peak_ratio"] is None else f", peak {row['peak_ratio']:.2f}x"), flush=True)
         if gpu_kinds:
             print("      main stream, ms per chunk: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(gpu_kinds.items())))
 
     for spec, out in zip(specs, measured):
-        record(spec.name, *out, recovery=spec.recovery, kept=spec.kept,
+        record(spec.name, *out, recovery=spec.recovery, kept=spec.kept, target=spec.target,
                **({"reference": None} if spec.ceiling else {}))  # a ceiling row has another frame size
         if spec.ceiling:
             ceiling.append(rows[-1])

@@ -797,17 +797,26 @@ def test_streaming_benchmark_smoke(tmp_path, repo_script):
     bench = repo_script("benchmarks/streaming.py")
     out = tmp_path / "streaming.json"
     bench.main(["--tiny", "--frames", "6", "--modes", "none", "clean", "--repeats", "2", "--ceiling", "0.5", "0.8",
-                "--out", str(out)])
+                "--target-kept", "0.68", "0.4", "--out", str(out)])
     result = json.loads(out.read_text())
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == ["unpruned", "unpruned full cache", "lipar none", "lipar clean", "lipar none, planned in place",
-                          "lipar none, fixed thresholds", "ceiling 50% of tokens", "ceiling 79% of tokens"]
+                          "lipar none, fixed thresholds", "lipar none, target 0.4",
+                          "lipar none, fixed thresholds, target 0.4", "ceiling 50% of tokens", "ceiling 79% of tokens"]
+    # the sweep: a smaller budget keeps less, and every row carries its budget and its ratios to the unpruned row
+    assert rows["lipar none, target 0.4"]["kept"] < rows["lipar none"]["kept"]
+    assert rows["lipar none, fixed thresholds, target 0.4"]["kept"] < rows["lipar none, fixed thresholds"]["kept"]
+    assert [rows[n]["target_kept"] for n in list(rows)[2:8]] == [0.68] * 4 + [0.4] * 2 and result["target_kept"] == [0.68, 0.4]
+    assert rows["unpruned"]["speedup"] == 1 and rows["unpruned"]["target_kept"] is None
+    assert all(r["speedup"] == pytest.approx(r["fps_with_plan"] / rows["unpruned"]["fps_with_plan"]) for r in rows.values())
+    assert all(r["gpu_speedup"] is None and r["peak_ratio"] is None for r in rows.values())  # CPU: no kernel time, no peak
     assert [rows[n]["kept"] for n in list(rows)[-2:]] == [7 / 14, 11 / 14]
     assert rows["ceiling 50% of tokens"]["err_vs_unpruned"] is None and rows["ceiling 50% of tokens"]["chunk_ms"] > 0
     assert list(result["ceiling_pearson_r"]) == ["chunk_ms"] and -1 <= result["ceiling_pearson_r"]["chunk_ms"] <= 1
     assert all(r["gpu_ms"] is None for r in rows.values())  # kernel time is --kernel-time's, on a GPU
-    with pytest.raises(SystemExit):
-        bench.main(["--tiny", "--kernel-time", "--out", str(out)])
+    for bad in (["--kernel-time"], ["--target-kept", "0.5", "1.2"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--tiny", *bad, "--out", str(out)])
     assert rows["unpruned"]["err_vs_unpruned"] == 0 and rows["unpruned"]["kept"] == 1
     for name in ("lipar none", "lipar clean"):
         assert rows[name]["kept"] < 1 and rows[name]["planned_ahead"] == 1  # chunk 1 of 2 planned during chunk 0
