@@ -39,6 +39,7 @@ import concurrent.futures
 import contextlib
 import functools
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -332,8 +333,9 @@ class StreamRunner:
         compile: ``torch.compile`` every block, cache write and attention included, with
             dynamic shapes, so kept counts that change from chunk to chunk reuse a compiled
             graph (:func:`_block_with_cache`). Results match eager to rounding, not bit for
-            bit. A threshold planner's decisions are compiled too (its ``compile``: the
-            same plans, fewer kernels).
+            bit. On a GPU the blocks launch their kernels from inductor's C++ wrapper when a
+            C++ compiler is found (:func:`_compile_options`). A threshold planner's decisions
+            are compiled too (its ``compile``: the same plans, fewer kernels).
         motion: the source's codec motion vectors (``read_video(path, motion=True).motion``,
             pixel frame 0 = the stream's first frame), for the ``bitstream`` planner: each
             chunk's planner gets the part of the field its plan context covers.
@@ -347,7 +349,8 @@ class StreamRunner:
                  motion: MotionField | None = None, **plan_kwargs):
         self.model = model
         self._compiled = compile
-        self._block_with_cache = torch.compile(_block_with_cache, dynamic=True) if compile else _block_with_cache
+        self._block_with_cache = torch.compile(_block_with_cache, dynamic=True, options=_compile_options(model.device)
+                                               ) if compile else _block_with_cache
         self.config = config or StreamConfig()
         cfg = model.config
         if tuple(cfg.patch_size)[0] != 1:
@@ -796,6 +799,17 @@ class StreamRunner:
         _, ph, pw = self.patch
         h, w = self._hw
         return rearrange(tokens, "b (f h w) (ph pw c) -> b c f (h ph) (w pw)", f=frames, h=h, w=w, ph=ph, pw=pw)
+
+
+def _compile_options(device: torch.device) -> dict | None:
+    """Inductor options for the compiled blocks. On a GPU, its C++ wrapper: a compiled
+    block's kernels are launched from C++ instead of generated Python, which takes the host
+    ~1.5 ms per block call - as long as a pruned block runs on an H200, so the host bounded
+    pruned streams (docs/streaming.md, "Host time"). It is built with the C++ compiler; without
+    one, the Python wrapper (the same kernels)."""
+    if device.type == "cuda" and any(map(shutil.which, ("g++", "c++", "clang++"))):
+        return {"cpp_wrapper": True}
+    return None
 
 
 def _block_with_cache(block, hidden, proj, cos, sin, cache_k, cache_v, start: int, text_k, text_v, key_bias=None,

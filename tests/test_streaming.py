@@ -842,3 +842,16 @@ def test_recovery_defaults_agree():
         "edit --stream": build_parser().parse_args(["edit", "--stream", "clip.mp4", "-o", "out.mp4"]).recovery,
     }
     assert set(defaults.values()) == {"none"}, defaults
+
+
+def test_compiled_blocks_launch_from_cpp_on_a_gpu(monkeypatch):
+    """On a GPU the compiled blocks use inductor's C++ wrapper (the Python one's host time
+    bounded pruned streams), built with the C++ compiler; without a compiler, or on the
+    CPU, inductor's defaults."""
+    from lipcodec import streaming
+
+    assert streaming._compile_options(torch.device("cpu")) is None
+    monkeypatch.setattr(streaming.shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    assert streaming._compile_options(torch.device("cuda")) == {"cpp_wrapper": True}
+    monkeypatch.setattr(streaming.shutil, "which", lambda name: None)
+    assert streaming._compile_options(torch.device("cuda")) is None
