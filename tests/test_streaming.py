@@ -826,6 +826,35 @@ def test_streaming_benchmark_smoke(tmp_path, repo_script):
     assert all(len(r["fps_with_plan_runs"]) == 2 for r in rows.values()) and result["repeats"] == 2
 
 
+def test_host_time_benchmark(tmp_path, repo_script):
+    """benchmarks/host_time.py: the idle analysis on a trace whose answer is known (main
+    stream = the busiest; overlapping kernels merged; idle time split by the launching
+    thread's top-level operators, nested ones not counted twice, other threads ignored),
+    and the --tiny smoke run: every row, its runs, the JSON."""
+    import json
+
+    bench = repo_script("benchmarks/host_time.py")
+    kernel = [(7, 0, 10), (7, 5, 7), (7, 20, 10), (7, 40, 5), (9, 50, 3)]  # (stream, start, duration) in us
+    ops = [(1, "A", 10, 15), (1, "A.child", 12, 6), (1, "B", 33, 3), (2, "W", 12, 28)]
+    trace = {"traceEvents": [{"cat": "kernel", "tid": t, "ts": a, "dur": d} for t, a, d in kernel]
+             + [{"cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": t, "ts": 0, "dur": 1} for t in (1, 1, 1, 2)]
+             + [{"cat": "cpu_op", "name": n, "tid": t, "ts": a, "dur": d} for t, n, a, d in ops]}
+    gaps = bench.idle_gaps(trace)
+    assert gaps["busy_ms"] == pytest.approx(0.027) and gaps["idle_ms"] == pytest.approx(0.018)  # idle: 12-20, 30-40
+    assert gaps["idle_by_op_ms"] == pytest.approx({"A": 0.008, "B": 0.003})
+    assert gaps["idle_without_op_ms"] == pytest.approx(0.007)
+
+    out = tmp_path / "host_time.json"
+    result = bench.main(["--tiny", "--repeats", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    runs = result["ms_per_chunk"]["eager"]
+    assert list(runs) == ["unpruned", "none ahead", "none in place", "fixed ahead", "fixed in place"]
+    assert all(len(r) == 2 and min(r) > 0 for r in runs.values())
+    for bad in (["--gaps"], ["--wrappers", "java"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--tiny", *bad, "--out", str(out)])
+
+
 def test_recovery_defaults_agree():
     """One default recovery mode everywhere: the streaming API once defaulted to LIPAR's
     ``clean`` while ``lipcodec edit --stream`` and the executor used ``none``."""
