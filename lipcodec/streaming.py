@@ -803,10 +803,10 @@ class StreamRunner:
 
 def _compile_options(device: torch.device) -> dict | None:
     """Inductor options for the compiled blocks. On a GPU, its C++ wrapper: a compiled
-    block's kernels are launched from C++ instead of generated Python, which takes the host
-    ~1.5 ms per block call - as long as a pruned block runs on an H200, so the host bounded
-    pruned streams (docs/streaming.md, "Host time"). It is built with the C++ compiler; without
-    one, the Python wrapper (the same kernels)."""
+    block's kernels are launched from C++ instead of generated Python, which took the host
+    ~1.6 ms per block call under the profiler - longer than a pruned block runs on an H200
+    (~0.9 ms), so the host bounded pruned streams (docs/streaming.md, "Host time"). It is
+    built with the C++ compiler; without one, the Python wrapper (the same kernels)."""
     if device.type == "cuda" and any(map(shutil.which, ("g++", "c++", "clang++"))):
         return {"cpp_wrapper": True}
     return None
