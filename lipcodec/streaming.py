@@ -41,6 +41,7 @@ import functools
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import attrs
@@ -349,8 +350,9 @@ class StreamRunner:
                  motion: MotionField | None = None, **plan_kwargs):
         self.model = model
         self._compiled = compile
-        self._block_with_cache = torch.compile(_block_with_cache, dynamic=True, options=_compile_options(model.device)
-                                               ) if compile else _block_with_cache
+        self._block_options = _compile_options(model.device) if compile else None
+        self._block_with_cache = (torch.compile(_block_with_cache, dynamic=True, options=self._block_options)
+                                  if compile else _block_with_cache)
         self.config = config or StreamConfig()
         cfg = model.config
         if tuple(cfg.patch_size)[0] != 1:
@@ -616,8 +618,21 @@ class StreamRunner:
         dups = step.dups
         copies = None if dups is None else (step.write, dups.local_src, *dups.local_rope, dups.cache_rows, *dups.cache_rope)
         cache = self._cache
-        return self._block_with_cache(block, hidden, proj, *idx.rope, cache.k[i], cache.v[i], step.start, text_k, text_v,
-                                      step.key_bias, copies)
+        args = (block, hidden, proj, *idx.rope, cache.k[i], cache.v[i], step.start, text_k, text_v, step.key_bias, copies)
+        try:
+            return self._block_with_cache(*args)
+        except Exception as error:
+            from torch._dynamo.exc import BackendCompilerFailed
+
+            if not isinstance(error, BackendCompilerFailed) or not self._block_options:
+                raise
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            warnings.warn(f"compiled blocks: inductor could not build them with {self._block_options} ({first}); "
+                          "compiling with its defaults instead (the Python wrapper: the same kernels, more host time "
+                          "per block call)", RuntimeWarning, stacklevel=2)
+            self._block_options = None  # nothing ran: the failed compile wrote no cache rows
+            self._block_with_cache = torch.compile(_block_with_cache, dynamic=True)
+            return self._block_with_cache(*args)
 
     # -- positions -----------------------------------------------------------------------------
     def _rope(self, t_pos, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
@@ -806,7 +821,8 @@ def _compile_options(device: torch.device) -> dict | None:
     block's kernels are launched from C++ instead of generated Python, which took the host
     ~1.6 ms per block call under the profiler - longer than a pruned block runs on an H200
     (~0.9 ms), so the host bounded pruned streams (docs/streaming.md, "Host time"). It is
-    built with the C++ compiler; without one, the Python wrapper (the same kernels)."""
+    built with the C++ compiler; without one, the Python wrapper (the same kernels) - and
+    if the build fails, :meth:`StreamRunner._block` warns and compiles with the defaults."""
     if device.type == "cuda" and any(map(shutil.which, ("g++", "c++", "clang++"))):
         return {"cpp_wrapper": True}
     return None

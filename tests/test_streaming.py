@@ -884,3 +884,23 @@ def test_compiled_blocks_launch_from_cpp_on_a_gpu(monkeypatch):
     assert streaming._compile_options(torch.device("cuda")) == {"cpp_wrapper": True}
     monkeypatch.setattr(streaming.shutil, "which", lambda name: None)
     assert streaming._compile_options(torch.device("cuda")) is None
+
+
+@pytest.mark.needs_cxx
+def test_compiled_blocks_fall_back_when_their_options_fail_to_build(model, monkeypatch):
+    """A compile with the runner's options that fails to build (a C++ wrapper on a system
+    whose compiler cannot build it) warns, names the options and the cause, and compiles
+    with inductor's defaults: the stream still runs, equal to eager to rounding."""
+    from lipcodec import streaming
+
+    x, text = video(6)
+    config = StreamConfig(chunk=3, window=4)
+    eager = stream(model, x, text, config, planner=SamePlace(0.5))
+    torch._dynamo.reset()
+    broken = {"cpp.cxx": ("/nonexistent/g++",)}
+    monkeypatch.setattr(streaming, "_compile_options", lambda device: broken)
+    runner = StreamRunner(model, text, config, planner=SamePlace(0.5), compile=True)
+    with pytest.warns(RuntimeWarning, match=r"could not build them with .*nonexistent.*compiling with its defaults"):
+        chunks = runner.push(x) + runner.flush()
+    assert runner._block_options is None
+    torch.testing.assert_close(cat(chunks), cat(eager), rtol=1e-4, atol=1e-4)
