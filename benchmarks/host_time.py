@@ -37,10 +37,8 @@ import numpy as np
 import torch
 from diffusers import WanTransformer3DModel
 
-import lipcodec
 from lipcodec import fixtures, streaming
 from lipcodec.atomic import write_text_atomic
-from lipcodec.planners import get as get_planner
 from lipcodec.streaming import StreamConfig
 from lipcodec.testing import TINY_WAN, WAN_1_3B
 
@@ -115,12 +113,10 @@ def main(argv=None) -> dict:
         model = WanTransformer3DModel(**cfg).to(dtype).eval()
         text = torch.randn(text_shape, dtype=dtype)
     source = fixtures.looped_latents(fixtures.bundled_clip(), frames, size).to(device)
-    stream = _sibling("streaming").stream
-
-    scale = lipcodec.plan(source, "lipar", target_kept=args.target_kept).meta["threshold_scale"]
-    lipar = get_planner("lipar")
+    bench = _sibling("streaming")
+    stream = bench.stream
     budget = {"planner": "lipar", "target_kept": args.target_kept}
-    fixed = {"planner": "lipar", "tau1": lipar.tau1 * scale, "tau2": lipar.tau2 * scale}
+    fixed = bench.fixed_thresholds(source, args.target_kept)
     ahead = StreamConfig.editing(recovery="none")
     in_place = attrs.evolve(ahead, plan_ahead=False)
     rows = {"unpruned": (StreamConfig.editing(), {}), "none ahead": (ahead, budget), "none in place": (in_place, budget),

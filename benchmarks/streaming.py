@@ -109,6 +109,15 @@ def stream(model, source, text, config, compile=False, compiled_decisions=True, 
     return torch.cat([c.latents for c in chunks], 2), chunks, peak
 
 
+def fixed_thresholds(latents: torch.Tensor, target: float) -> dict:
+    """LIPAR's own rule: fixed thresholds, one decision per chunk - ``lipar``'s ``tau1`` and
+    ``tau2`` scaled once, by the budget search over the whole clip, so that about ``target``
+    of its tokens is kept. Planner keywords for :class:`StreamRunner`."""
+    scale = lipcodec.plan(latents, "lipar", target_kept=target).meta["threshold_scale"]
+    lipar = get_planner("lipar")
+    return {"planner": "lipar", "tau1": lipar.tau1 * scale, "tau2": lipar.tau2 * scale}
+
+
 def kernel_kind(name: str) -> str:
     """A CUDA kernel's kind, by its name: ``compiled`` (inductor's Triton code - with
     ``--compile`` the blocks' fused elementwise work, the cache writes, the planner's
@@ -218,13 +227,6 @@ def main(argv=None):
         total = sum(per_stream.values())
         return total / 1e6 / len(chunks), (total - per_stream[main]) / 1e6 / len(chunks), dict(kinds)
 
-    def fixed_thresholds(target: float) -> dict:
-        """LIPAR's own rule: fixed thresholds, one decision per chunk - scaled once, by the
-        budget search over the whole clip, so that about the same share is kept."""
-        scale = lipcodec.plan(source, "lipar", target_kept=target).meta["threshold_scale"]
-        lipar = get_planner("lipar")
-        return {"planner": "lipar", "tau1": lipar.tau1 * scale, "tau2": lipar.tau2 * scale}
-
     target, *sweep = args.target_kept
     pruned = {"planner": "lipar", "target_kept": target}
     specs = [Row("unpruned", base), Row("unpruned full cache", StreamConfig.editing(window=None))]
@@ -234,7 +236,7 @@ def main(argv=None):
     if "none" in args.modes:
         specs.append(Row("lipar none, planned in place", attrs.evolve(none, plan_ahead=False), plan=pruned,
                          recovery="none", target=target))
-        fixed = fixed_thresholds(target)
+        fixed = fixed_thresholds(source, target)
         specs.append(Row("lipar none, fixed thresholds", none, plan=fixed, recovery="none", target=target))
         if args.compile:  # what compiling the decisions gives, side by side
             specs += [Row(f"{name}, decisions uncompiled", none, plan=plan, recovery="none", compiled_decisions=False,
@@ -243,7 +245,7 @@ def main(argv=None):
     for more in sweep:  # how speed and memory follow the budget: the per-chunk search and fixed thresholds
         specs += [Row(f"lipar none, target {more:g}", none, plan={"planner": "lipar", "target_kept": more},
                       recovery="none", target=more),
-                  Row(f"lipar none, fixed thresholds, target {more:g}", none, plan=fixed_thresholds(more),
+                  Row(f"lipar none, fixed thresholds, target {more:g}", none, plan=fixed_thresholds(source, more),
                       recovery="none", target=more)]
     cols = source.shape[-1] // 2  # token columns (patch 2)
     for share in ceilings:
