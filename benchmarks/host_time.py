@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import platform
@@ -40,14 +39,7 @@ from diffusers import WanTransformer3DModel
 from lipcodec import fixtures, streaming
 from lipcodec.atomic import write_text_atomic
 from lipcodec.streaming import StreamConfig
-from lipcodec.testing import TINY_WAN, WAN_1_3B
-
-
-def _sibling(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from lipcodec.testing import TINY_WAN, WAN_1_3B, load_script
 
 
 def idle_gaps(trace: dict) -> dict:
@@ -113,7 +105,7 @@ def main(argv=None) -> dict:
         model = WanTransformer3DModel(**cfg).to(dtype).eval()
         text = torch.randn(text_shape, dtype=dtype)
     source = fixtures.looped_latents(fixtures.bundled_clip(), frames, size).to(device)
-    bench = _sibling("streaming")
+    bench = load_script(Path(__file__).with_name("streaming.py"))  # benchmarks/ is not a package
     stream = bench.stream
     budget = {"planner": "lipar", "target_kept": args.target_kept}
     fixed = bench.fixed_thresholds(source, args.target_kept)

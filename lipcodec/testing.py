@@ -24,8 +24,11 @@ purity                      the plan does not depend on the global torch/numpy/r
 
 from __future__ import annotations
 
+import importlib.util
 import random
+import types
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import attrs
 import numpy as np
@@ -91,6 +94,16 @@ TINY_WAN = dict(  # diffusers' own tiny Wan test config, with Wan's 16 latent ch
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
     freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
 )
+
+
+def load_script(path) -> types.ModuleType:
+    """A script of the repository (``benchmarks/``, ``scripts/``: not a package) as a module -
+    for the tests and for the benchmarks that reuse one another."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def same_place_plan(grid, reuse: float, seed: int = 0) -> Plan:

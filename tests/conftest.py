@@ -7,11 +7,12 @@ without a compiler it is skipped with the fix in the reason.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
+
+from lipcodec.testing import load_script
 
 
 def pytest_configure(config):
@@ -32,10 +33,6 @@ def repo_script():
     """``repo_script("benchmarks/gpu_suite.py")``: that script as a module (not installed with the package)."""
 
     def load(relative: str):
-        path = Path(__file__).resolve().parents[1] / relative
-        spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return load_script(Path(__file__).resolve().parents[1] / relative)
 
     return load
