@@ -138,9 +138,16 @@ def _compile(fn, inputs):
                       "(raise torch._dynamo.config.recompile_limit to compile more)", stacklevel=4)
         return fn
     except Exception as error:  # e.g. a planner's own postprocess that dynamo cannot trace whole
-        raise RuntimeError(f"torch.compile could not compile {_name(fn)} ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''}); run it with compile=False") from error
+        raise RuntimeError(f"torch.compile could not compile {_name(fn)} ({error_line(error)}); "
+                           "run it with compile=False") from error
     return compiled
+
+
+def error_line(error: BaseException) -> str:
+    """``TypeName: the message's first line`` - a compile failure's cause, short enough for
+    the one-line error or warning that falls back from it."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _name(fn) -> str:

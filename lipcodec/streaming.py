@@ -52,7 +52,7 @@ from einops import rearrange
 
 from .attention import RECOVERY_MODES, rotate
 from .gop import GOP
-from .graphs import COMPILE_LOCK
+from .graphs import COMPILE_LOCK, error_line
 from .plan import Grid
 from .planners import MotionField
 from .stream_planning import ChunkPlan, StreamPlanning
@@ -626,8 +626,8 @@ class StreamRunner:
 
             if not isinstance(error, BackendCompilerFailed) or not self._block_options:
                 raise
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            warnings.warn(f"compiled blocks: inductor could not build them with {self._block_options} ({first}); "
+            warnings.warn(f"compiled blocks: inductor could not build them with {self._block_options} "
+                          f"({error_line(error)}); "
                           "compiling with its defaults instead (the Python wrapper: the same kernels, more host time "
                           "per block call)", RuntimeWarning, stacklevel=2)
             self._block_options = None  # nothing ran: the failed compile wrote no cache rows
